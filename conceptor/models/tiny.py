@@ -1,0 +1,115 @@
+"""Tiny Stable-Diffusion-shaped models built in code (random weights) for tests, benchmarks and demos.
+
+Same classes and folder layout as SD 1.x/2.x, so every loader, trainer and pipeline path runs unchanged
+on them; they are just a few hundred thousand parameters. diffusers' own tests use the same trick.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+# Words the tiny tokenizer knows as whole tokens; everything else falls back to single characters,
+# exactly as CLIP's BPE does for rare words.
+DEFAULT_WORDS = (
+    "a an the of on in with and photo picture rendering drawing painting cropped close-up bright dark "
+    "good nice small large weird clean dirty cool one my art style by object toy cat dog beach red green "
+    "blue sks thing"
+).split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table (the base alphabet of CLIP's BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 77) -> int:
+    """Write a CLIP-format tokenizer (vocab.json + merges.txt) that knows ``words`` as single tokens.
+
+    Returns the vocabulary size. Merges build each word left to right, so BPE recovers it as one token.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    seen = set(vocab)
+    merges: list[str] = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            new = parts[0] + parts[1]
+            if new not in seen:
+                merges.append(f"{parts[0]} {parts[1]}")
+                vocab.append(new)
+                seen.add(new)
+            parts = [new] + parts[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    return len(vocab)
+
+
+def build_tiny_pipeline_folder(folder: str | Path, family: str = "sd1", seed: int = 0,
+                               words: Iterable[str] = DEFAULT_WORDS) -> Path:
+    """Write a random-weight SD1- or SD2-shaped diffusers pipeline folder and return its path.
+
+    sd1: CLIP-style text encoder (quick_gelu), epsilon prediction.
+    sd2: OpenCLIP-style text encoder (gelu), v-prediction: the two things the loader must tell apart.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"family must be sd1 or sd2, got {family!r}")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    vocab_size = write_clip_tokenizer(folder / "tokenizer", words)
+    hidden = 32
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=vocab_size, max_position_embeddings=77, projection_dim=hidden,
+        hidden_act="quick_gelu" if family == "sd1" else "gelu",
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=hidden,
+        attention_head_dim=8 if family == "sd1" else (4, 8), use_linear_projection=family == "sd2",
+        norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 16, 16, 16), sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    # SD's own scheduler configs: scaled_linear betas, clip_sample False (True wrecks latent sampling).
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+        prediction_type="epsilon" if family == "sd1" else "v_prediction")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    return folder
