@@ -1,0 +1,43 @@
+"""Command line: ``conceptor train|generate|convert|demo``. Parse, then call the API; nothing else here."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..errors import ConceptorError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # bad flags: one line and exit 2, like every other user error
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import convert, demo, generate, train
+
+    parser = _Parser(prog="conceptor", description="Teach Stable Diffusion new concepts and generate with them.")
+    parser.add_argument("--version", action="version", version=f"conceptor {__import__('conceptor').__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for module in (train, generate, convert, demo):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr, force=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.run(args)
+    except ConceptorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints written so far are kept (resume with --resume latest)", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,12 @@
+"""Training methods, one file each. The loop finds them by name here."""
+from __future__ import annotations
+
+from ..errors import ConceptorError
+
+
+def get_method(name: str):
+    if name == "textual-inversion":
+        from .textual_inversion import TextualInversion
+
+        return TextualInversion()
+    raise ConceptorError(f"unknown method {name!r}")

@@ -1,0 +1,155 @@
+"""Public entry points: train(config), load(...)/generate(...), convert_embedding(...)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from .config import ModelConfig, RunConfig
+from .errors import ConceptorError
+from .fileio import atomic_path, write_text
+from .models.load import Components, load_components
+
+log = logging.getLogger("conceptor")
+
+
+def bundled_model_path() -> Path | None:
+    """The small pretrained toy-world model shipped in the package, if this install has it."""
+    p = Path(__file__).parent / "toyworld" / "model"
+    return p if (p / "model_index.json").is_file() else None
+
+
+def resolve_model(cfg: ModelConfig) -> Components:
+    """Load the configured model; with none given, the bundled toy model (and say so)."""
+    name = cfg.model
+    if name is None:
+        bundled = bundled_model_path()
+        if bundled is None:
+            raise ConceptorError("no --model given; pass a hub id (runwayml/stable-diffusion-v1-5), a diffusers "
+                                 "folder or a .safetensors checkpoint")
+        log.warning("no --model given: using the bundled toy model (%s); pass --model "
+                    "runwayml/stable-diffusion-v1-5 (or a folder/.safetensors) for a real one", bundled)
+        name = str(bundled)
+    return load_components(name, model_config=cfg.model_config, family=cfg.family, revision=cfg.revision,
+                           variant=cfg.variant)
+
+
+def train(cfg: RunConfig, components: Components | None = None):
+    """Run one training job described by ``cfg``; returns a TrainResult (output folder, files, last loss)."""
+    from .methods import get_method
+    from .training.loop import train as run_loop
+
+    method = get_method(cfg.method)
+    return run_loop(method, components if components is not None else resolve_model(cfg.model), cfg)
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+def parse_embedding_arg(arg: str) -> tuple[Path, str | None]:
+    """``FILE`` or ``FILE:TOKEN``; a folder means its learned_embeds.safetensors."""
+    path, token = arg, None
+    if ":" in arg and not Path(arg).exists():
+        path, token = arg.rsplit(":", 1)
+    p = Path(path)
+    if p.is_dir():
+        p = p / "learned_embeds.safetensors"
+    if not p.is_file():
+        raise ConceptorError(f"embedding file {p} does not exist")
+    return p, token or None
+
+
+class Model:
+    """A loaded model plus any embeddings, ready to generate (KerasCV-style ``text_to_image`` too)."""
+
+    def __init__(self, components: Components):
+        self.components = components
+        self.tokens: dict[str, int] = {}
+
+    def add_embedding(self, path: str | Path, token: str | None = None) -> str:
+        """Load a textual-inversion file (diffusers, A1111 or kohya format); returns its token."""
+        from .formats.embeddings import read_embedding
+        from .models.tokens import add_tokens
+
+        emb = read_embedding(path, token=token)
+        add_tokens(self.components.tokenizer, self.components.text_encoder, emb.token,
+                   emb.vectors.to(self.components.text_encoder.dtype))
+        self.tokens[emb.token] = emb.num_vectors
+        return emb.token
+
+    def prompt(self, text: str) -> str:
+        from .models.tokens import expand_prompt
+
+        return expand_prompt(text, self.tokens)
+
+    def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 30,
+                 guidance: float = 7.5, scheduler: str = "ddim", seed: int | None = 0, width: int | None = None,
+                 height: int | None = None, batch_size: int = 4, progress=None) -> list[Image.Image]:
+        """``num_images`` images of ``prompt``; image i uses seed ``seed + i`` so each is reproducible alone."""
+        from .sampling.pipeline import sample
+
+        if num_images < 1 or steps < 1:
+            raise ConceptorError("--num-images and --steps must be at least 1")
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+        return sample(self.components, [prompt] * num_images, [seed + i for i in range(num_images)],
+                      negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
+                      width=width, height=height, batch_size=batch_size, prompt_fn=self.prompt, progress=progress)
+
+    def text_to_image(self, prompt: str, batch_size: int = 1, num_steps: int = 50,
+                      unconditional_guidance_scale: float = 7.5, seed: int | None = None) -> list[Image.Image]:
+        """KerasCV's ``StableDiffusion.text_to_image`` signature, for users coming from the seeds."""
+        return self.generate(prompt, num_images=batch_size, steps=num_steps,
+                             guidance=unconditional_guidance_scale, seed=seed)
+
+
+def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, device: str | None = None,
+         dtype: torch.dtype = torch.float32, model_config: str | None = None, family: str | None = None) -> Model:
+    """Load a model (hub id, folder, .safetensors; None = bundled toy model) and textual-inversion files."""
+    components = resolve_model(ModelConfig(model=model, model_config=model_config, family=family))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for m in (components.text_encoder, components.vae, components.unet):
+        m.to(device, dtype=dtype).eval()
+    loaded = Model(components)
+    for e in embeddings:
+        path, token = parse_embedding_arg(str(e))
+        loaded.add_embedding(path, token)
+    return loaded
+
+
+def generate(prompt: str, model: str | None = None, embeddings: Sequence[str | Path] = (), *,
+             output: str | Path | None = None, **kwargs) -> list[Image.Image]:
+    """One call: load, generate, and (with ``output``) write PNGs, a grid and the settings used."""
+    images = load(model, embeddings).generate(prompt, **kwargs)
+    if output is not None:
+        save_images(images, Path(output), {"prompt": prompt, "model": model,
+                                           "embeddings": [str(e) for e in embeddings], **kwargs})
+    return images
+
+
+def save_images(images: list[Image.Image], output: Path, settings: dict) -> list[Path]:
+    from .sampling.grid import make_grid
+
+    seed = settings.get("seed", 0) or 0
+    paths = []
+    for i, im in enumerate(images):
+        path = output / f"{i:03d}-seed{seed + i}.png"
+        with atomic_path(path) as tmp:
+            im.save(tmp, format="PNG")
+        paths.append(path)
+    if len(images) > 1:
+        cols = min(len(images), 4)
+        with atomic_path(output / "grid.png") as tmp:
+            make_grid(images, cols).save(tmp, format="PNG")
+        paths.append(output / "grid.png")
+    write_text(output / "generation.json", json.dumps(settings, indent=2, default=str))
+    return paths
+
+
+def convert_embedding(src: str | Path, dst: str | Path, to: str, token: str | None = None):
+    """Rewrite a textual-inversion file in another tool's format (diffusers, a1111, kohya)."""
+    from .formats.embeddings import convert_embedding as convert
+
+    return convert(src, dst, to=to, token=token)

@@ -1,0 +1,43 @@
+"""``conceptor generate``: prompt (+ embeddings) -> PNGs, a grid and generation.json."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate images, optionally with learned embeddings")
+    p.add_argument("--model", help="hub id, diffusers folder or .safetensors (default: bundled toy model)")
+    p.add_argument("--model-config", metavar="DIR", help="configs for a single-file --model")
+    p.add_argument("--family", choices=["sd1", "sd2"], help="family of a single-file --model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion file or run folder (repeatable; diffusers, A1111 or kohya format)")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "euler", "euler-a", "dpm++"])
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed+i (default 0)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--output", default="conceptor-images", metavar="DIR")
+    p.set_defaults(run=run)
+
+
+def run(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .. import api
+
+    model = api.load(args.model, args.embedding, model_config=args.model_config, family=args.family)
+    with tqdm(total=args.num_images, desc="generating", unit="img") as bar:
+        images = model.generate(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                                steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                                width=args.width, height=args.height, batch_size=args.batch_size,
+                                progress=bar.update)
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "quiet")}
+    from pathlib import Path
+
+    paths = api.save_images(images, Path(args.output), settings)
+    print(f"wrote {len(images)} image(s) to {args.output}")
+    for p in paths:
+        print(f"  {p}")

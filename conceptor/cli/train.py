@@ -1,0 +1,114 @@
+"""``conceptor train <method>``: flags -> RunConfig (over an optional --config file) -> api.train."""
+from __future__ import annotations
+
+import argparse
+
+# flag dest -> (config section, key). Flags default to None so a config file's value stands unless given.
+COMMON = {
+    "model": ("model", "model"), "model_config": ("model", "model_config"), "family": ("model", "family"),
+    "revision": ("model", "revision"), "variant": ("model", "variant"),
+    "images": ("data", "images"), "resolution": ("data", "resolution"), "center_crop": ("data", "center_crop"),
+    "flip_p": ("data", "flip_p"), "repeats": ("data", "repeats"),
+    "lr": ("optim", "lr"), "scale_lr": ("optim", "scale_lr"), "lr_scheduler": ("optim", "lr_scheduler"),
+    "warmup": ("optim", "warmup"), "weight_decay": ("optim", "weight_decay"),
+    "max_grad_norm": ("optim", "max_grad_norm"),
+    "output": ("train", "output"), "steps": ("train", "steps"), "batch_size": ("train", "batch_size"),
+    "grad_accum": ("train", "grad_accum"), "mixed_precision": ("train", "mixed_precision"),
+    "seed": ("train", "seed"), "checkpoint_every": ("train", "checkpoint_every"),
+    "checkpoints_limit": ("train", "checkpoints_limit"), "resume": ("train", "resume"),
+    "overwrite": ("train", "overwrite"), "validation_prompt": ("train", "validation_prompts"),
+    "validation_every": ("train", "validation_every"), "validation_images": ("train", "validation_images"),
+    "snr_gamma": ("train", "snr_gamma"), "noise_offset": ("train", "noise_offset"),
+    "log_every": ("train", "log_every"),
+}
+TEXTUAL_INVERSION = {
+    "token": ("textual_inversion", "token"), "init_token": ("textual_inversion", "init_token"),
+    "vectors": ("textual_inversion", "vectors"), "what": ("textual_inversion", "what"),
+    "templates": ("textual_inversion", "templates"),
+}
+
+
+def _flag(p, name, **kw):
+    if kw.get("action") == "store_true":
+        kw = {**kw, "action": "store_const", "const": True}
+    p.add_argument(name, default=None, **kw)
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    _flag(g, "--model", metavar="M", help="hub id, diffusers folder or .safetensors file (default: bundled toy model)")
+    _flag(g, "--model-config", metavar="DIR", help="local diffusers folder with configs for a single-file --model")
+    _flag(g, "--family", choices=["sd1", "sd2"], help="model family of a single-file --model without --model-config")
+    _flag(g, "--revision")
+    _flag(g, "--variant", help="weights variant, e.g. fp16")
+    g = p.add_argument_group("data")
+    _flag(g, "--images", metavar="DIR", help="folder of training images (img.txt beside img.png = its caption)")
+    _flag(g, "--resolution", type=int, help="training size in pixels, multiple of 8 (default: the model's)")
+    _flag(g, "--center-crop", action="store_true", help="crop the centre square before resizing")
+    _flag(g, "--flip-p", type=float, help="probability of a horizontal flip (default 0.5)")
+    _flag(g, "--repeats", type=int, help="images x repeats = one shuffled epoch (default 100)")
+    g = p.add_argument_group("optimization")
+    _flag(g, "--lr", type=float, help="learning rate (default 5e-4)")
+    _flag(g, "--scale-lr", action="store_true", help="multiply lr by batch size x grad accumulation x processes")
+    _flag(g, "--lr-scheduler", choices=["constant", "cosine", "linear"])
+    _flag(g, "--warmup", type=int, metavar="N", help="linear warm-up steps")
+    _flag(g, "--weight-decay", type=float)
+    _flag(g, "--max-grad-norm", type=float, help="clip gradients to this norm")
+    g = p.add_argument_group("training")
+    _flag(g, "--output", metavar="DIR", help="run folder (default conceptor-output)")
+    _flag(g, "--steps", type=int, help="optimizer steps (default 3000)")
+    _flag(g, "--batch-size", type=int)
+    _flag(g, "--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step")
+    _flag(g, "--mixed-precision", choices=["no", "fp16", "bf16"], help="frozen weights in fp16/bf16; trainables stay fp32")
+    _flag(g, "--seed", type=int)
+    _flag(g, "--checkpoint-every", type=int, metavar="N", help="resumable checkpoint every N steps (default 500)")
+    _flag(g, "--checkpoints-limit", type=int, metavar="N", help="keep only the newest N checkpoints")
+    _flag(g, "--resume", metavar="latest|PATH", help="continue a run from its newest (or a given) checkpoint")
+    _flag(g, "--overwrite", action="store_true", help="replace an earlier run in --output")
+    g.add_argument("--validation-prompt", action="append", default=None, metavar="P",
+                   help="prompt for validation grids (repeatable)")
+    _flag(g, "--validation-every", type=int, metavar="N", help="validation grid every N steps (0: start and end only)")
+    _flag(g, "--validation-images", type=int, metavar="N", help="images (seeds) per validation prompt")
+    _flag(g, "--snr-gamma", type=float, help="min-SNR loss weighting (Hang et al. 2023), e.g. 5.0")
+    _flag(g, "--noise-offset", type=float, help="offset noise strength, e.g. 0.05")
+    _flag(g, "--log-every", type=int, metavar="N", help="loss log interval in steps")
+    _flag(g, "--config", metavar="FILE", help="YAML/TOML config; flags override it")
+
+
+def add_parser(sub) -> None:
+    train = sub.add_parser("train", help="train a concept")
+    methods = train.add_subparsers(dest="method", required=True, parser_class=type(train))
+    ti = methods.add_parser("textual-inversion", help="learn new token embeddings (model frozen)")
+    g = ti.add_argument_group("textual inversion")
+    _flag(g, "--token", help="the new placeholder token, e.g. '<cat-toy>'")
+    _flag(g, "--init-token", help="one existing word to start from, e.g. toy")
+    _flag(g, "--vectors", type=int, metavar="N", help="vectors per token (default 1)")
+    _flag(g, "--what", choices=["object", "style"], help="template set (default object)")
+    _flag(g, "--templates", metavar="FILE", help="own templates, one per line with {} for the token")
+    add_common_flags(ti)
+    ti.set_defaults(run=run, flag_map={**COMMON, **TEXTUAL_INVERSION})
+
+
+def config_from_args(args) -> "RunConfig":  # noqa: F821
+    from ..config import build_config, read_config_file
+
+    overrides: dict[str, dict] = {}
+    for dest, (section, key) in args.flag_map.items():
+        overrides.setdefault(section, {})[key] = getattr(args, dest, None)
+    file_values = read_config_file(args.config) if args.config else None
+    return build_config(args.method, file_values, overrides)
+
+
+def run(args) -> None:
+    from .. import api
+
+    cfg = config_from_args(args)
+    if cfg.data.images is None:
+        from ..errors import ConceptorError
+
+        raise ConceptorError("--images is required: a folder with 3-20 pictures of your concept")
+    result = api.train(cfg)
+    loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
+    print(f"done: {result.step} steps, last loss {loss}; outputs in {result.output}")
+    for f in result.files:
+        print(f"  {f}")

@@ -1,0 +1,72 @@
+"""Image folders: listing, decoding with clear errors, and the seeds' resize/crop preprocessing."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ConceptorError
+
+log = logging.getLogger("conceptor")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_EXTS = {".txt", ".caption"}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files in ``folder`` (sorted, not recursive). Other files are skipped with one warning."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ConceptorError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ConceptorError(f"{folder} is not a folder; pass the folder that holds your images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+    skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTS | CAPTION_EXTS]
+    if skipped:
+        log.warning("skipping %d non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped[:5]))
+    if not images:
+        raise ConceptorError(f"no images in {folder}; put 3-20 .png/.jpg pictures of your concept there")
+    return images
+
+
+def load_image(path: Path, background=(255, 255, 255)) -> Image.Image:
+    """Decode fully (so truncation shows here, naming the file), honour EXIF rotation, return RGB."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "P") and ("A" in im.mode or "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                flat = Image.new("RGB", rgba.size, background)
+                flat.paste(rgba, mask=rgba.getchannel("A"))
+                return flat
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ConceptorError(f"cannot read image {path}: {str(e) or type(e).__name__}; fix or remove it") from None
+
+
+def to_tensor(image: Image.Image, resolution: int, center_crop: bool) -> torch.Tensor:
+    """The seeds' preprocessing: optional centre square crop, bicubic resize to a square, [-1, 1] CHW."""
+    if center_crop:
+        w, h = image.size
+        s = min(w, h)
+        image = image.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
+    image = image.resize((resolution, resolution), resample=Image.BICUBIC)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def read_caption(image_path: Path) -> str | None:
+    """The sidecar caption ``img.txt`` (or ``img.caption``) beside ``img.png``, if any."""
+    for ext in CAPTION_EXTS:
+        p = image_path.with_suffix(ext)
+        if p.is_file():
+            try:
+                text = p.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise ConceptorError(f"caption {p} is not UTF-8 text; re-save it as UTF-8") from None
+            return text or None
+    return None

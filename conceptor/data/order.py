@@ -1,0 +1,34 @@
+"""Deterministic data order: which examples micro-batch i holds, from (seed, i) alone.
+
+Because the order is a pure function of the step counter, resuming needs no sampler state and lands on
+exactly the examples an uninterrupted run would have seen, with or without gradient accumulation.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=8)
+def _epoch_permutation(seed: int, epoch: int, length: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(length, generator=g).tolist())
+
+
+def batch_indices(micro_index: int, batch_size: int, num_items: int, repeats: int, seed: int) -> list[int]:
+    """Item indices (mod ``num_items``) of micro-batch ``micro_index`` in a shuffled stream of epochs.
+
+    One epoch is ``num_items * repeats`` examples (the seeds' convention), reshuffled every epoch.
+    """
+    epoch_len = num_items * repeats
+    out = []
+    for k in range(micro_index * batch_size, (micro_index + 1) * batch_size):
+        epoch, pos = divmod(k, epoch_len)
+        out.append(_epoch_permutation(seed, epoch, epoch_len)[pos] % num_items)
+    return out
+
+
+def step_generator(seed: int, micro_index: int) -> torch.Generator:
+    """The RNG for one micro-batch (noise, timesteps, flips, templates), independent of everything before."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + micro_index * 0x85EBCA77) % (2**63 - 1))

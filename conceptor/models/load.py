@@ -1,0 +1,164 @@
+"""Load a Stable Diffusion model from a hub id, a diffusers folder or one .safetensors file.
+
+Everything downstream (methods, sampling, eval) sees one typed ``Components`` object, never a path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConceptorError
+
+FAMILIES = ("sd1", "sd2")
+# Hub repos whose configs (and tokenizer) describe each family's single-file checkpoints.
+FAMILY_CONFIG_REPOS = {
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion model that training and sampling need."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: Any  # the training noise scheduler (its config also seeds the samplers)
+    family: str  # "sd1" | "sd2"
+    prediction_type: str  # "epsilon" | "v_prediction", read from the model's scheduler config
+    source: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def frozen(self) -> "Components":
+        """Freeze every weight (methods then switch on exactly what they train)."""
+        for m in (self.text_encoder, self.vae, self.unet):
+            m.requires_grad_(False)
+            m.eval()
+        return self
+
+
+def quiet_libraries() -> None:
+    """Silence load-time progress bars and warnings of diffusers/transformers; ours are the ones users read."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def detect_family(text_encoder_config: Any) -> str:
+    """SD1 uses OpenAI CLIP ViT-L (768 wide, quick_gelu); SD2 uses OpenCLIP ViT-H (1024 wide, gelu)."""
+    hidden = text_encoder_config.hidden_size
+    if hidden == 768:
+        return "sd1"
+    if hidden == 1024:
+        return "sd2"
+    # Tiny/custom models: the activation tells the two CLIP families apart.
+    return "sd1" if getattr(text_encoder_config, "hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
+
+
+def load_components(model: str, *, model_config: str | None = None, family: str | None = None,
+                    revision: str | None = None, variant: str | None = None,
+                    dtype: torch.dtype = torch.float32) -> Components:
+    """Load ``model``: an existing diffusers folder, a ``.safetensors``/``.ckpt`` single file, or a hub id.
+
+    Hub ids go through the normal Hugging Face cache and respect ``HF_HUB_OFFLINE``.
+    A single file needs configs: ``model_config`` (a local diffusers folder) or a ``family`` hint.
+    """
+    quiet_libraries()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
+            raise ConceptorError(
+                f"model folder {model} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/); "
+                "pass a pipeline folder, a .safetensors checkpoint or a hub id")
+        return _load_folder(str(path), None, None, dtype, source=str(path), local_only=True)
+    if path.suffix.lower() in (".safetensors", ".ckpt"):
+        if not path.is_file():
+            raise ConceptorError(f"model file {model} does not exist")
+        return _load_single_file(path, model_config, family, dtype)
+    if os.sep in model and not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise ConceptorError(f"model path {model} does not exist")
+    if not _HUB_ID.match(model):
+        raise ConceptorError(f"model {model!r} is neither an existing path nor a hub id like org/name")
+    return _load_folder(model, revision, variant, dtype, source=model, local_only=False)
+
+
+def _load_folder(where: str, revision: str | None, variant: str | None, dtype: torch.dtype,
+                 source: str, local_only: bool) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    common: dict[str, Any] = {"revision": revision}
+    if local_only:
+        common["local_files_only"] = True
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **common)
+        text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype,
+                                                     **common)
+        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=dtype, variant=variant, **common)
+        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=dtype,
+                                                    variant=variant, **common)
+        scheduler = DDPMScheduler.from_pretrained(where, subfolder="scheduler", **common)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        hint = ("it is not in the local cache and HF_HUB_OFFLINE is set"
+                if os.environ.get("HF_HUB_OFFLINE") == "1" and not local_only else str(e).splitlines()[0])
+        raise ConceptorError(f"could not load model {source}: {hint}") from None
+    return _assemble(tokenizer, text_encoder, vae, unet, scheduler, source)
+
+
+def _load_single_file(path: Path, model_config: str | None, family: str | None,
+                      dtype: torch.dtype) -> Components:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    if path.suffix.lower() == ".ckpt":
+        # from_single_file would unpickle it; we only ever read pickles with weights_only=True.
+        raise ConceptorError(f"{path.name} is a pickle (.ckpt); convert it to .safetensors from a trusted "
+                             "source first, pickles can run code when loaded")
+    if model_config is None:
+        if family is None:
+            raise ConceptorError(f"single-file checkpoint {path.name} needs configs: pass --model-config "
+                                 "DIR (a local diffusers folder of the same family) or --family sd1|sd2")
+        if family not in FAMILIES:
+            raise ConceptorError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
+        model_config = FAMILY_CONFIG_REPOS[family]
+    local = Path(model_config).is_dir()
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=model_config, local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1",
+            torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ConceptorError(f"could not load checkpoint {path.name} with configs from {model_config}: "
+                             f"{str(e).splitlines()[0]}") from None
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return _assemble(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler, str(path))
+
+
+def _assemble(tokenizer, text_encoder, vae, unet, scheduler, source: str) -> Components:
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConceptorError(f"model {source} predicts {prediction_type!r}; conceptor trains epsilon and "
+                             "v_prediction models")
+    return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
+                      family=detect_family(text_encoder.config), prediction_type=prediction_type,
+                      source=source)

@@ -1,0 +1,73 @@
+"""Sampling: a diffusers pipeline over our Components, named schedulers, fixed per-image seeds."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from ..errors import ConceptorError
+from ..models.load import Components
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+
+
+def make_scheduler(components: Components, name: str = "ddim"):
+    """A sampler configured from the model's own scheduler config (betas, prediction type, offsets)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ConceptorError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    config = dict(components.scheduler.config)
+    # Latents are not bounded to [-1, 1]; clipping them wrecks samples (SD's configs set this False too).
+    config["clip_sample"] = False
+    return cls.from_config(config)
+
+
+def build_pipeline(components: Components, scheduler: str = "ddim"):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=make_scheduler(components, scheduler), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample(components: Components, prompts: list[str], seeds: list[int], *, negative_prompt: str | None = None,
+           steps: int = 25, guidance: float = 7.5, scheduler: str = "ddim", width: int | None = None,
+           height: int | None = None, batch_size: int = 4, prompt_fn: Callable[[str], str] = lambda p: p,
+           progress: Callable[[int], None] | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in order; image i depends only on its own prompt and seed."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    width = width or components.default_resolution
+    height = height or components.default_resolution
+    if width % 8 or height % 8:
+        raise ConceptorError(f"--width/--height must be multiples of 8, got {width}x{height}")
+    pipe = build_pipeline(components, scheduler)
+    device = components.unet.device
+    images: list[Image.Image] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [prompt_fn(p) for p in prompts[i:i + batch_size]]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
+        # Initial noise is drawn on the CPU so a seed gives the same picture on any device.
+        shape = (1, components.unet.config.in_channels, height // components.vae_scale_factor,
+                 width // components.vae_scale_factor)
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device, components.unet.dtype)
+        out = pipe(chunk, negative_prompt=[prompt_fn(negative_prompt)] * len(chunk) if negative_prompt else None,
+                   num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                   latents=latents, generator=generators, output_type="pil")
+        images.extend(out.images)
+        if progress:
+            progress(len(chunk))
+    return images

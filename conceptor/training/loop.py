@@ -1,0 +1,209 @@
+"""The one training loop. It knows a method only through training/method.py's interface.
+
+Step = one optimizer update = ``grad_accum`` micro-batches. Micro-batch i draws its data and noise from
+(seed, i) alone (data/order.py), so a resumed run replays exactly what an uninterrupted run would do.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RunConfig, config_from_saved
+from ..data.order import step_generator
+from ..errors import ConceptorError
+from ..fileio import atomic_path, write_text
+from ..models.load import Components
+from ..sampling.grid import make_grid
+from ..sampling.pipeline import sample
+from . import checkpoint as ckpt
+from .method import Method
+from .metrics import plot_loss, read_metrics, truncate_metrics
+
+log = logging.getLogger("conceptor")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    step: int
+    last_loss: float | None
+    files: list[Path]
+
+
+def prepare_output(cfg: RunConfig) -> Path:
+    """Refuse to mix two runs in one folder: continue it (--resume), replace it (--overwrite) or pick another."""
+    out = Path(cfg.train.output)
+    if out.exists() and not out.is_dir():
+        raise ConceptorError(f"--output {out} is a file; pass a folder")
+    saved = out / "config.yaml"
+    if out.is_dir() and any(out.iterdir()):
+        if cfg.train.resume:
+            if saved.is_file():
+                prev = config_from_saved(saved) or {}
+                if prev.get("method") != cfg.method:
+                    raise ConceptorError(f"{out} holds a {prev.get('method')} run; cannot resume it as {cfg.method}")
+        elif cfg.train.overwrite and saved.is_file():
+            shutil.rmtree(out)
+        elif cfg.train.overwrite:
+            raise ConceptorError(f"--output {out} is not empty and is not a conceptor run; refusing to delete it, "
+                                 "choose another folder")
+        else:
+            raise ConceptorError(f"--output {out} already holds files; pass --resume latest to continue that run, "
+                                 "--overwrite to replace it, or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # The accelerate state is a process-wide singleton; a library may train twice in one process
+    # with different precisions, so drop the old state (keeping the distributed part).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def _lr_scheduler(optimizer, cfg: RunConfig):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.optim.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.optim.warmup,
+                         num_training_steps=cfg.train.steps)
+
+
+def validate_images(components: Components, method: Method, cfg: RunConfig, output: Path, step: int) -> Path | None:
+    prompts = cfg.train.validation_prompts
+    if not prompts:
+        return None
+    n = cfg.train.validation_images
+    was_training = components.text_encoder.training
+    images = sample(components, [p for p in prompts for _ in range(n)], [s for _ in prompts for s in range(n)],
+                    steps=cfg.train.validation_sampling_steps, prompt_fn=method.prompt)
+    components.text_encoder.train(was_training)
+    path = output / "samples" / f"step-{step:06d}.png"
+    with atomic_path(path) as tmp:
+        make_grid(images, n).save(tmp, format="PNG")
+    return path
+
+
+def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult:
+    t = cfg.train
+    output = prepare_output(cfg)
+    accelerator = make_accelerator(t.mixed_precision)
+    device = accelerator.device
+    weight_dtype = DTYPES[t.mixed_precision]
+    components.frozen()
+    for module in (components.text_encoder, components.vae, components.unet):
+        module.to(device, dtype=weight_dtype)  # frozen weights in low precision; trainables stay fp32
+
+    params = method.setup(components, cfg, device)
+    if any(p.dtype != torch.float32 for p in params):
+        raise RuntimeError("trainable parameters must be fp32 (fp16 master weights break the grad scaler)")
+    lr = cfg.optim.lr
+    if cfg.optim.scale_lr:
+        lr *= t.batch_size * t.grad_accum * accelerator.num_processes
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_epsilon)
+    scheduler = _lr_scheduler(optimizer, cfg)
+    optimizer = accelerator.prepare(optimizer)
+
+    start = 0
+    resume_from = ckpt.resolve_resume(output, t.resume) if t.resume else None
+    if t.resume and resume_from is None:
+        log.warning("--resume %s: no checkpoint in %s/checkpoints yet; starting from step 0", t.resume, output)
+    if resume_from is not None:
+        trained, opt_state, state = ckpt.load_checkpoint(resume_from)
+        method.load_state_dict(trained)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["lr_scheduler"])
+        start = int(state["step"])
+        if state.get("grad_accum", t.grad_accum) != t.grad_accum or state.get("batch_size", t.batch_size) != t.batch_size:
+            log.warning("resuming with a different --batch-size/--grad-accum than the checkpoint; the data "
+                        "order from here on differs from an uninterrupted run")
+        if start >= t.steps:
+            raise ConceptorError(f"checkpoint {resume_from.name} is already at step {start}; pass --steps larger "
+                                 f"than {start} to train further")
+        log.info("resuming from %s at step %d", resume_from, start)
+    metrics_path = output / "metrics.jsonl"
+    truncate_metrics(metrics_path, start)
+    if accelerator.is_main_process:
+        write_text(output / "config.yaml", cfg.to_yaml())
+
+    files: list[Path] = []
+    if start == 0 and accelerator.is_main_process:
+        validate_images(components, method, cfg, output, 0)
+
+    last_loss = None
+    window, window_n = torch.zeros((), device=device), 0
+    bar = tqdm(total=t.steps, initial=start, desc=method.name, unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_local_main_process)
+    t0 = time.perf_counter()
+    for step in range(start + 1, t.steps + 1):
+        for k in range(t.grad_accum):
+            micro = (step - 1) * t.grad_accum + k
+            with accelerator.autocast():
+                loss = method.loss(micro, step_generator(t.seed, micro))
+            accelerator.backward(loss / t.grad_accum)
+            window += loss.detach()
+            window_n += 1
+        if cfg.optim.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % t.log_every == 0 or step == t.steps:
+            last_loss = (window / window_n).item()  # the only host sync of the hot loop
+            if not math.isfinite(last_loss):
+                raise ConceptorError(f"loss became {last_loss} at step {step}; lower --lr or use "
+                                     "--mixed-precision bf16, then --resume latest from the last checkpoint")
+            window, window_n = torch.zeros((), device=device), 0
+            row = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                   "elapsed_s": round(time.perf_counter() - t0, 3)}
+            if accelerator.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
+        bar.update(1)
+
+        is_last = step == t.steps
+        if accelerator.is_main_process and ((t.checkpoint_every and step % t.checkpoint_every == 0) or is_last):
+            files += method.save(output, step, final=False)
+            ckpt.save_checkpoint(output, step, method.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
+                                 {"grad_accum": t.grad_accum, "batch_size": t.batch_size,
+                                  "micro_batches_done": step * t.grad_accum, "seed": t.seed},
+                                 t.checkpoints_limit)
+            _prune_snapshots(output, t.checkpoints_limit)
+        if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0 and not is_last:
+            validate_images(components, method, cfg, output, step)
+    bar.close()
+
+    if accelerator.is_main_process:
+        files = method.save(output, t.steps, final=True)
+        validate_images(components, method, cfg, output, t.steps)
+        plot_loss(read_metrics(metrics_path), output / "loss.png")
+    accelerator.wait_for_everyone()
+    return TrainResult(output=output, step=t.steps, last_loss=last_loss, files=files)
+
+
+def _prune_snapshots(output: Path, limit: int | None) -> None:
+    """Keep step snapshots (``*-steps-N.*``) in step with the pruned checkpoints."""
+    if not limit:
+        return
+    kept = {int(p.name.split("-")[1]) for p in ckpt.checkpoint_dirs(output)}
+    for p in output.glob("*-steps-*.*"):
+        try:
+            step = int(p.stem.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if step not in kept:
+            p.unlink(missing_ok=True)

@@ -1,0 +1,59 @@
+"""Loss log (``metrics.jsonl``) and a loss-curve PNG drawn with PIL (no plotting dependency)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ..fileio import atomic_path, write_text
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash: everything before it is still good
+            break
+    return rows
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop rows past the checkpoint so the log never shows a step twice."""
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plot_loss(rows: list[dict], path: Path, size=(640, 360)) -> None:
+    """Raw loss (light) and its moving average (dark) against step."""
+    w, h = size
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    margin = 40
+    d.rectangle([margin, 10, w - 10, h - margin], outline="black")
+    if len(pts) >= 2:
+        steps = [p[0] for p in pts]
+        losses = [p[1] for p in pts]
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1e-6
+        s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+
+        def xy(s, v):
+            return (margin + (s - s0) / (s1 - s0) * (w - margin - 10),
+                    h - margin - (v - lo) / (hi - lo) * (h - margin - 10))
+
+        d.line([xy(s, v) for s, v in pts], fill=(170, 190, 230), width=1)
+        k = max(1, len(pts) // 20)
+        smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
+        d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
+        d.text((margin, h - margin + 5), f"step {s0}", fill="black")
+        d.text((w - 90, h - margin + 5), f"step {s1}", fill="black")
+        d.text((2, 10), f"{hi:.3g}", fill="black")
+        d.text((2, h - margin - 12), f"{lo:.3g}", fill="black")
+    d.text((margin + 5, 14), "training loss", fill="black")
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
