@@ -41,9 +41,10 @@ def resolve_model(cfg: ModelConfig) -> Components:
 def train(cfg: RunConfig, components: Components | None = None):
     """Run one training job described by ``cfg``; returns a TrainResult (output folder, files, last loss)."""
     from .methods import get_method
-    from .training.loop import train as run_loop
+    from .training.loop import check_output, train as run_loop
 
     method = get_method(cfg.method)
+    check_output(cfg)
     return run_loop(method, components if components is not None else resolve_model(cfg.model), cfg)
 
 
@@ -80,11 +81,6 @@ class Model:
         self.tokens[emb.token] = emb.num_vectors
         return emb.token
 
-    def prompt(self, text: str) -> str:
-        from .models.tokens import expand_prompt
-
-        return expand_prompt(text, self.tokens)
-
     def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 30,
                  guidance: float = 7.5, scheduler: str = "ddim", seed: int | None = 0, width: int | None = None,
                  height: int | None = None, batch_size: int = 4, progress=None) -> list[Image.Image]:
@@ -96,7 +92,7 @@ class Model:
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
         return sample(self.components, [prompt] * num_images, [seed + i for i in range(num_images)],
                       negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
-                      width=width, height=height, batch_size=batch_size, prompt_fn=self.prompt, progress=progress)
+                      width=width, height=height, batch_size=batch_size, progress=progress)
 
     def text_to_image(self, prompt: str, batch_size: int = 1, num_steps: int = 50,
                       unconditional_guidance_scale: float = 7.5, seed: int | None = None) -> list[Image.Image]:

@@ -14,6 +14,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (tests and notebooks swap it), not the one seen at start."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import convert, demo, generate, train
 
@@ -28,9 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr, force=True)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and bad flags end here; keep main() callable in-process
+        return int(e.code or 0)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler], force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.run(args)

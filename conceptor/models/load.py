@@ -32,7 +32,8 @@ class Components:
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
     unet: torch.nn.Module
-    scheduler: Any  # the training noise scheduler (its config also seeds the samplers)
+    scheduler: Any  # the training noise scheduler (DDPM over the model's betas)
+    scheduler_config: dict  # the model's own scheduler config, as shipped: samplers start from it
     family: str  # "sd1" | "sd2"
     prediction_type: str  # "epsilon" | "v_prediction", read from the model's scheduler config
     source: str
@@ -119,17 +120,17 @@ def _load_folder(where: str, revision: str | None, variant: str | None, dtype: t
         vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=dtype, variant=variant, **common)
         unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=dtype,
                                                     variant=variant, **common)
-        scheduler = DDPMScheduler.from_pretrained(where, subfolder="scheduler", **common)
+        scheduler_config = dict(DDPMScheduler.load_config(where, subfolder="scheduler", **common))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         hint = ("it is not in the local cache and HF_HUB_OFFLINE is set"
                 if os.environ.get("HF_HUB_OFFLINE") == "1" and not local_only else str(e).splitlines()[0])
         raise ConceptorError(f"could not load model {source}: {hint}") from None
-    return _assemble(tokenizer, text_encoder, vae, unet, scheduler, source)
+    return _assemble(tokenizer, text_encoder, vae, unet, scheduler_config, source)
 
 
 def _load_single_file(path: Path, model_config: str | None, family: str | None,
                       dtype: torch.dtype) -> Components:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     if path.suffix.lower() == ".ckpt":
         # from_single_file would unpickle it; we only ever read pickles with weights_only=True.
@@ -150,15 +151,17 @@ def _load_single_file(path: Path, model_config: str | None, family: str | None,
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ConceptorError(f"could not load checkpoint {path.name} with configs from {model_config}: "
                              f"{str(e).splitlines()[0]}") from None
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return _assemble(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler, str(path))
+    return _assemble(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, dict(pipe.scheduler.config), str(path))
 
 
-def _assemble(tokenizer, text_encoder, vae, unet, scheduler, source: str) -> Components:
+def _assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict, source: str) -> Components:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(scheduler_config)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ConceptorError(f"model {source} predicts {prediction_type!r}; conceptor trains epsilon and "
                              "v_prediction models")
     return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
-                      family=detect_family(text_encoder.config), prediction_type=prediction_type,
+                      scheduler_config=scheduler_config, family=detect_family(text_encoder.config), prediction_type=prediction_type,
                       source=source)

@@ -25,7 +25,7 @@ def make_scheduler(components: Components, name: str = "ddim"):
     if name not in SCHEDULERS:
         raise ConceptorError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = getattr(diffusers, SCHEDULERS[name])
-    config = dict(components.scheduler.config)
+    config = dict(components.scheduler_config)
     # Latents are not bounded to [-1, 1]; clipping them wrecks samples (SD's configs set this False too).
     config["clip_sample"] = False
     return cls.from_config(config)
@@ -45,9 +45,13 @@ def build_pipeline(components: Components, scheduler: str = "ddim"):
 @torch.no_grad()
 def sample(components: Components, prompts: list[str], seeds: list[int], *, negative_prompt: str | None = None,
            steps: int = 25, guidance: float = 7.5, scheduler: str = "ddim", width: int | None = None,
-           height: int | None = None, batch_size: int = 4, prompt_fn: Callable[[str], str] = lambda p: p,
+           height: int | None = None, batch_size: int = 4,
            progress: Callable[[int], None] | None = None) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, in order; image i depends only on its own prompt and seed."""
+    """One image per (prompt, seed) pair, in order; image i depends only on its own prompt and seed.
+
+    Multi-vector tokens need no rewriting here: diffusers' pipeline expands ``tok`` to ``tok tok_1 ...``
+    from the tokenizer's vocabulary (TextualInversionLoaderMixin.maybe_convert_prompt).
+    """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     width = width or components.default_resolution
@@ -58,13 +62,13 @@ def sample(components: Components, prompts: list[str], seeds: list[int], *, nega
     device = components.unet.device
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
-        chunk = [prompt_fn(p) for p in prompts[i:i + batch_size]]
+        chunk = prompts[i:i + batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
         # Initial noise is drawn on the CPU so a seed gives the same picture on any device.
         shape = (1, components.unet.config.in_channels, height // components.vae_scale_factor,
                  width // components.vae_scale_factor)
         latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device, components.unet.dtype)
-        out = pipe(chunk, negative_prompt=[prompt_fn(negative_prompt)] * len(chunk) if negative_prompt else None,
+        out = pipe(chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                    num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                    latents=latents, generator=generators, output_type="pil")
         images.extend(out.images)

@@ -39,26 +39,37 @@ class TrainResult:
     files: list[Path]
 
 
-def prepare_output(cfg: RunConfig) -> Path:
-    """Refuse to mix two runs in one folder: continue it (--resume), replace it (--overwrite) or pick another."""
+def check_output(cfg: RunConfig) -> str:
+    """Refuse to mix two runs in one folder: continue it (--resume), replace it (--overwrite) or pick another.
+
+    Returns "new", "resume" or "replace". Called before the model loads, so a refusal costs nothing.
+    """
     out = Path(cfg.train.output)
     if out.exists() and not out.is_dir():
         raise ConceptorError(f"--output {out} is a file; pass a folder")
+    if not (out.is_dir() and any(out.iterdir())):
+        return "new"
     saved = out / "config.yaml"
-    if out.is_dir() and any(out.iterdir()):
-        if cfg.train.resume:
-            if saved.is_file():
-                prev = config_from_saved(saved) or {}
-                if prev.get("method") != cfg.method:
-                    raise ConceptorError(f"{out} holds a {prev.get('method')} run; cannot resume it as {cfg.method}")
-        elif cfg.train.overwrite and saved.is_file():
-            shutil.rmtree(out)
-        elif cfg.train.overwrite:
-            raise ConceptorError(f"--output {out} is not empty and is not a conceptor run; refusing to delete it, "
-                                 "choose another folder")
-        else:
-            raise ConceptorError(f"--output {out} already holds files; pass --resume latest to continue that run, "
-                                 "--overwrite to replace it, or choose another --output")
+    if cfg.train.resume:
+        if saved.is_file():
+            prev = config_from_saved(saved) or {}
+            if prev.get("method") != cfg.method:
+                raise ConceptorError(f"{out} holds a {prev.get('method')} run; cannot resume it as {cfg.method}")
+        return "resume"
+    if cfg.train.overwrite and saved.is_file():
+        return "replace"
+    if cfg.train.overwrite:
+        raise ConceptorError(f"--output {out} is not empty and is not a conceptor run; refusing to delete it, "
+                             "choose another folder")
+    raise ConceptorError(f"--output {out} already holds files; pass --resume latest to continue that run, "
+                         "--overwrite to replace it, or choose another --output")
+
+
+def make_output(cfg: RunConfig, action: str) -> Path:
+    """Create the run folder; an --overwrite'd old run is removed only now, once the new one has started."""
+    out = Path(cfg.train.output)
+    if action == "replace":
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -87,7 +98,7 @@ def validate_images(components: Components, method: Method, cfg: RunConfig, outp
     n = cfg.train.validation_images
     was_training = components.text_encoder.training
     images = sample(components, [p for p in prompts for _ in range(n)], [s for _ in prompts for s in range(n)],
-                    steps=cfg.train.validation_sampling_steps, prompt_fn=method.prompt)
+                    steps=cfg.train.validation_sampling_steps)
     components.text_encoder.train(was_training)
     path = output / "samples" / f"step-{step:06d}.png"
     with atomic_path(path) as tmp:
@@ -97,7 +108,7 @@ def validate_images(components: Components, method: Method, cfg: RunConfig, outp
 
 def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult:
     t = cfg.train
-    output = prepare_output(cfg)
+    action = check_output(cfg)
     accelerator = make_accelerator(t.mixed_precision)
     device = accelerator.device
     weight_dtype = DTYPES[t.mixed_precision]
@@ -106,6 +117,7 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
         module.to(device, dtype=weight_dtype)  # frozen weights in low precision; trainables stay fp32
 
     params = method.setup(components, cfg, device)
+    output = make_output(cfg, action)
     if any(p.dtype != torch.float32 for p in params):
         raise RuntimeError("trainable parameters must be fp32 (fp16 master weights break the grad scaler)")
     lr = cfg.optim.lr

@@ -1,0 +1,144 @@
+"""Textual-inversion embedding files: read any of the common layouts, write each of them.
+
+- diffusers: ``{token: [n, hidden]}`` (one key; ``learned_embeds.safetensors``). Older files hold ``[hidden]``.
+- AUTOMATIC1111 ``.pt``: ``{"string_to_token": {"*": 265}, "string_to_param": {"*": [n, hidden]},
+  "name": ..., "step": ...}``; its ``.safetensors`` form is flat: ``{"string_to_param.*": [n, hidden]}``
+  (some tools write ``{"emb_params": ...}``, the kohya key).
+- kohya: ``{"emb_params": [n, hidden]}``.
+- SDXL (A1111/kohya/ComfyUI): ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``.
+Files without a token name are named after the file, as A1111 does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConceptorError
+from ..fileio import atomic_path
+from .safe_load import load_tensors
+
+FORMATS = ("diffusers", "a1111", "kohya")
+
+
+@dataclass
+class Embedding:
+    token: str
+    vectors: torch.Tensor  # [num_vectors, hidden] float32 (SDXL: the clip_l part)
+    vectors_2: torch.Tensor | None = None  # SDXL: the clip_g part
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+def detect_format(sd: dict[str, Any]) -> str:
+    if "string_to_param" in sd or any(k.startswith("string_to_param.") for k in sd):
+        return "a1111"
+    if "clip_l" in sd and "clip_g" in sd:
+        return "sdxl"
+    if "emb_params" in sd:
+        return "kohya"
+    tensors = [k for k, v in sd.items() if isinstance(v, torch.Tensor)]
+    if len(sd) == 1 and tensors:
+        return "diffusers"
+    keys = ", ".join(list(map(str, sd))[:5]) or "none"
+    raise ConceptorError(f"not a textual-inversion embedding (keys: {keys}); expected diffusers, A1111, "
+                         "kohya or SDXL clip_l/clip_g layout")
+
+
+def _check(t: Any, where: str, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ConceptorError(f"{where}: {name} is a {type(t).__name__}, not a tensor")
+    if not t.is_floating_point():
+        raise ConceptorError(f"{where}: {name} has dtype {t.dtype}; embeddings are floating point")
+    if t.ndim == 1:
+        t = t.unsqueeze(0)
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ConceptorError(f"{where}: {name} has shape {tuple(t.shape)}; expected [num_vectors, hidden]")
+    t = t.detach().float().cpu().contiguous()
+    if not torch.isfinite(t).all():
+        raise ConceptorError(f"{where}: {name} contains NaN or inf values; the file is damaged")
+    return t
+
+
+def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
+    """Read an embedding in any supported layout; ``token`` overrides the name stored in the file."""
+    p = Path(path)
+    sd, meta = load_tensors(p)
+    if not sd:
+        raise ConceptorError(f"{p.name} holds no tensors")
+    fmt = detect_format(sd)
+    name = token or meta.get("token") or meta.get("name")
+    if fmt == "diffusers":
+        (key, value), = sd.items()
+        return Embedding(token or key, _check(value, p.name, key))
+    if fmt == "sdxl":
+        return Embedding(name or p.stem, _check(sd["clip_l"], p.name, "clip_l"), _check(sd["clip_g"], p.name, "clip_g"))
+    if fmt == "kohya":
+        return Embedding(name or p.stem, _check(sd["emb_params"], p.name, "emb_params"))
+    # a1111
+    params = sd.get("string_to_param")
+    if params is None:
+        params = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("string_to_param.")}
+    if not isinstance(params, dict) or not params:
+        raise ConceptorError(f"{p.name}: string_to_param is empty or not a mapping")
+    if len(params) != 1:
+        raise ConceptorError(f"{p.name} holds {len(params)} embeddings ({', '.join(map(str, params))}); expected one")
+    vectors = _check(next(iter(params.values())), p.name, "string_to_param")
+    stored = sd.get("name") if isinstance(sd.get("name"), str) else None
+    return Embedding(token or stored or name or p.stem, vectors)
+
+
+def write_embedding(emb: Embedding, path: str | Path, fmt: str = "diffusers", step: int | None = None) -> Path:
+    """Write ``emb`` in ``fmt`` atomically. A1111 goes to .pt or .safetensors by the path's suffix."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    v = emb.vectors.detach().float().cpu().contiguous()
+    meta = {"format": fmt, "token": emb.token}
+    if fmt not in FORMATS:
+        raise ConceptorError(f"unknown embedding format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if emb.vectors_2 is not None:
+        if fmt == "diffusers":
+            raise ConceptorError("diffusers keeps SDXL embeddings as two files; use write_embedding_sdxl_diffusers")
+        sd = {"clip_l": v, "clip_g": emb.vectors_2.detach().float().cpu().contiguous()}
+        with atomic_path(p) as tmp:
+            save_file(sd, str(tmp), metadata=meta)
+        return p
+    if fmt == "a1111" and p.suffix.lower() in (".pt", ".bin"):
+        data = {"string_to_token": {"*": 265}, "string_to_param": {"*": v}, "name": emb.token,
+                "step": step or 0, "sd_checkpoint": None, "sd_checkpoint_name": None}
+        with atomic_path(p) as tmp:
+            torch.save(data, tmp)
+        return p
+    if p.suffix.lower() != ".safetensors":
+        raise ConceptorError(f"{p.name}: {fmt} embeddings are written as .safetensors"
+                             + (" (or .pt for a1111)" if fmt == "a1111" else ""))
+    sd = {"diffusers": {emb.token: v}, "a1111": {"string_to_param.*": v}, "kohya": {"emb_params": v}}[fmt]
+    with atomic_path(p) as tmp:
+        save_file(sd, str(tmp), metadata=meta)
+    return p
+
+
+def write_embedding_sdxl_diffusers(emb: Embedding, folder: str | Path) -> tuple[Path, Path]:
+    """diffusers' SDXL form: two files keyed by the token, one per text encoder."""
+    from safetensors.torch import save_file
+
+    if emb.vectors_2 is None:
+        raise ConceptorError("not an SDXL embedding (no second-encoder vectors)")
+    folder = Path(folder)
+    paths = (folder / "learned_embeds.safetensors", folder / "learned_embeds_2.safetensors")
+    for path, v in zip(paths, (emb.vectors, emb.vectors_2)):
+        with atomic_path(path) as tmp:
+            save_file({emb.token: v.detach().float().cpu().contiguous()}, str(tmp),
+                      metadata={"format": "diffusers", "token": emb.token})
+    return paths
+
+
+def convert_embedding(src: str | Path, dst: str | Path, to: str, token: str | None = None) -> Embedding:
+    emb = read_embedding(src, token=token)
+    write_embedding(emb, dst, to)
+    return emb
