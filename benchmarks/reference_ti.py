@@ -37,9 +37,10 @@ def run_reference(model_dir: str, images: list[str], token: str, init_token: str
         text_encoder.get_input_embeddings().weight[token_id] = text_encoder.get_input_embeddings().weight[init_id]
     vae.requires_grad_(False)
     unet.requires_grad_(False)
-    text_encoder.text_model.encoder.requires_grad_(False)
-    text_encoder.text_model.final_layer_norm.requires_grad_(False)
-    text_encoder.text_model.embeddings.position_embedding.requires_grad_(False)
+    inner = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the .text_model level
+    inner.encoder.requires_grad_(False)
+    inner.final_layer_norm.requires_grad_(False)
+    inner.embeddings.position_embedding.requires_grad_(False)
     optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=lr, weight_decay=1e-2)
     orig = text_encoder.get_input_embeddings().weight.data.clone()
     keep = torch.ones(len(tokenizer), dtype=torch.bool)

@@ -98,10 +98,8 @@ def load_components(model: str, *, model_config: str | None = None, family: str 
         if not path.is_file():
             raise ConceptorError(f"model file {model} does not exist")
         return _load_single_file(path, model_config, family, dtype)
-    if os.sep in model and not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
-        raise ConceptorError(f"model path {model} does not exist")
-    if not _HUB_ID.match(model):
-        raise ConceptorError(f"model {model!r} is neither an existing path nor a hub id like org/name")
+    if not _HUB_ID.match(model) or model.startswith((".", "~")):
+        raise ConceptorError(f"model path {model} does not exist (and it is not a hub id like org/name)")
     return _load_folder(model, revision, variant, dtype, source=model, local_only=False)
 
 
