@@ -76,6 +76,9 @@ def build_tiny_pipeline_folder(folder: str | Path, family: str = "sd1", seed: in
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from .load import quiet_libraries
+
+    quiet_libraries()
     if family not in ("sd1", "sd2"):
         raise ValueError(f"family must be sd1 or sd2, got {family!r}")
     folder = Path(folder)

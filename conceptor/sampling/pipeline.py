@@ -58,6 +58,8 @@ def sample(components: Components, prompts: list[str], seeds: list[int], *, nega
     height = height or components.default_resolution
     if width % 8 or height % 8:
         raise ConceptorError(f"--width/--height must be multiples of 8, got {width}x{height}")
+    if scheduler == "pndm" and steps < 4:
+        raise ConceptorError("the pndm sampler needs --steps 4 or more (its multistep warm-up takes 4)")
     pipe = build_pipeline(components, scheduler)
     device = components.unet.device
     images: list[Image.Image] = []
