@@ -127,3 +127,8 @@ def test_config_unknown_key(cli, tmp_path):
 def test_resume_unknown_checkpoint(cli, tiny_sd1, concept_images, tmp_path):
     code, _, err = cli(*ti_args(tiny_sd1, concept_images, tmp_path / "out", "--resume", tmp_path / "nothing"))
     assert_one_line_error(code, err, "not a checkpoint")
+
+
+def test_fp16_on_cpu_is_refused_with_the_alternative(cli, tiny_sd1, concept_images, tmp_path):
+    code, _, err = cli(*ti_args(tiny_sd1, concept_images, tmp_path / "out", "--mixed-precision", "fp16"))
+    assert_one_line_error(code, err, "bf16")

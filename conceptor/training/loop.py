@@ -111,6 +111,9 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
     action = check_output(cfg)
     accelerator = make_accelerator(t.mixed_precision)
     device = accelerator.device
+    if device.type == "cpu" and t.mixed_precision == "fp16":
+        # accelerate has no fp16 autocast on the CPU, so half weights would meet fp32 activations.
+        raise ConceptorError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     weight_dtype = DTYPES[t.mixed_precision]
     components.frozen()
     for module in (components.text_encoder, components.vae, components.unet):
@@ -150,7 +153,6 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
     if accelerator.is_main_process:
         write_text(output / "config.yaml", cfg.to_yaml())
 
-    files: list[Path] = []
     if start == 0 and accelerator.is_main_process:
         validate_images(components, method, cfg, output, 0)
 
@@ -189,7 +191,7 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
 
         is_last = step == t.steps
         if accelerator.is_main_process and ((t.checkpoint_every and step % t.checkpoint_every == 0) or is_last):
-            files += method.save(output, step, final=False)
+            method.save(output, step, final=False)
             ckpt.save_checkpoint(output, step, method.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
                                  {"grad_accum": t.grad_accum, "batch_size": t.batch_size,
                                   "micro_batches_done": step * t.grad_accum, "seed": t.seed},
@@ -199,6 +201,7 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
             validate_images(components, method, cfg, output, step)
     bar.close()
 
+    files: list[Path] = []
     if accelerator.is_main_process:
         files = method.save(output, t.steps, final=True)
         validate_images(components, method, cfg, output, t.steps)
