@@ -1,0 +1,41 @@
+"""The toy world is deterministic and keeps its secrets: unnamed shapes are never named, held-out never drawn."""
+from __future__ import annotations
+
+import numpy as np
+
+from conceptor.toyworld import world as W
+
+
+def test_same_seed_same_pixels_and_captions():
+    a, b = W.dataset(3, 20), W.dataset(3, 20)
+    assert [c for _, c in a] == [c for _, c in b]
+    for (sa, _), (sb, _) in zip(a, b):
+        assert np.array_equal(np.asarray(W.render(sa)), np.asarray(W.render(sb)))
+    assert [c for _, c in W.dataset(4, 20)] != [c for _, c in a]
+
+
+def test_unnamed_shapes_never_named_and_heldout_never_drawn():
+    data = W.dataset(0, 2000)
+    shapes = {s.shape for s, _ in data}
+    assert set(W.UNNAMED_SHAPES) <= shapes  # drawn...
+    assert not shapes & set(W.HELDOUT_SHAPES)
+    for spec, caption in data:
+        words = caption.split()
+        assert not set(words) & set(W.UNNAMED_SHAPES + W.HELDOUT_SHAPES)  # ...but never named
+        if spec.shape in W.NAMED_SHAPES:
+            assert spec.shape in words
+    assert set(W.vocabulary()).isdisjoint(W.UNNAMED_SHAPES + W.HELDOUT_SHAPES)
+
+
+def test_render_shows_the_shape_colour():
+    spec = W.Spec("circle", "red", "white", "plain", 0.3, 0.5, 0.5, 0)
+    px = np.asarray(W.render(spec))
+    assert px.shape == (64, 64, 3)
+    assert tuple(px[32, 32]) == W.COLORS["red"] and tuple(px[1, 1]) == W.BACKGROUND_COLORS["white"]
+    masks = {s: np.asarray(W._mask(W.Spec(s, "red", "white", "plain", 0.3, 0.5, 0.5, 0), 64)) > 127
+             for s in W.SHAPES}
+    # Every shape is a different silhouette.
+    names = list(masks)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert (masks[a] != masks[b]).mean() > 0.02, (a, b)
