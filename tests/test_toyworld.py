@@ -39,3 +39,17 @@ def test_render_shows_the_shape_colour():
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert (masks[a] != masks[b]).mean() > 0.02, (a, b)
+
+
+def test_pretrain_writes_a_loadable_sd_folder(tmp_path):
+    """Smoke run of the pretraining recipe: a real diffusers folder that the whole toolkit loads."""
+    from conceptor import api
+    from conceptor.toyworld.pretrain import RECIPE, pretrain
+
+    recipe = {**RECIPE, "images": 16, "vae_steps": 2, "vae_batch": 4, "unet_steps": 2, "unet_batch": 4}
+    pretrain(tmp_path / "model", recipe, tmp_path / "log.txt", save_every=2)
+    assert "unet 0" not in (tmp_path / "log.txt").read_text() and "done" in (tmp_path / "log.txt").read_text()
+    model = api.load(str(tmp_path / "model"))
+    assert model.components.default_resolution == 64
+    assert model.components.scheduler_config["clip_sample"] is False
+    assert model.generate("a red circle", steps=2)[0].size == (64, 64)
