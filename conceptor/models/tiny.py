@@ -105,6 +105,12 @@ def build_tiny_pipeline_folder(folder: str | Path, family: str = "sd1", seed: in
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
         prediction_type="epsilon" if family == "sd1" else "v_prediction")
+    save_pipeline_folder(folder, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler)
+    return folder
+
+
+def save_pipeline_folder(folder: Path, *, text_encoder, unet, vae, scheduler) -> None:
+    """Write the parts (the tokenizer is already in ``folder/tokenizer``) plus SD 1.5's model_index.json."""
     text_encoder.save_pretrained(folder / "text_encoder")
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
@@ -112,7 +118,6 @@ def build_tiny_pipeline_folder(folder: str | Path, family: str = "sd1", seed: in
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
         "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "scheduler": ["diffusers", type(scheduler).__name__], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
-    return folder

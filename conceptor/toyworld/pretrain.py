@@ -54,22 +54,14 @@ def render_batch(specs) -> torch.Tensor:
 
 
 def save_folder(out: Path, vae, text_encoder, unet, scheduler, recipe: dict) -> None:
-    from conceptor.models.tiny import write_clip_tokenizer
-
     from diffusers import DDIMScheduler
+
+    from conceptor.models.tiny import save_pipeline_folder, write_clip_tokenizer
 
     with atomic_dir(out) as tmp:
         write_clip_tokenizer(tmp / "tokenizer", W.vocabulary())
-        text_encoder.save_pretrained(tmp / "text_encoder")
-        vae.save_pretrained(tmp / "vae")
-        unet.save_pretrained(tmp / "unet")
-        DDIMScheduler.from_config({**scheduler.config, "set_alpha_to_one": False}).save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-            "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+        sampler = DDIMScheduler.from_config({**scheduler.config, "set_alpha_to_one": False})
+        save_pipeline_folder(tmp, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=sampler)
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
 
 
