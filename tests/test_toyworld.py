@@ -19,6 +19,7 @@ def test_unnamed_shapes_never_named_and_heldout_never_drawn():
     shapes = {s.shape for s, _ in data}
     assert set(W.UNNAMED_SHAPES) <= shapes  # drawn...
     assert not shapes & set(W.HELDOUT_SHAPES)
+    assert not {(s.shape, s.color) for s, _ in data} & W.HELDOUT_COMBOS
     for spec, caption in data:
         words = caption.split()
         assert not set(words) & set(W.UNNAMED_SHAPES + W.HELDOUT_SHAPES)  # ...but never named

@@ -24,6 +24,9 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
 BACKGROUND_COLORS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20),
                      "beige": (225, 205, 170)}
 PATTERNS = ("plain", "striped", "dotted")
+# (shape, colour) pairs never drawn in pretraining: the model must compose them from words it knows.
+HELDOUT_COMBOS = frozenset({("star", "green"), ("heart", "blue"), ("circle", "purple"), ("square", "pink"),
+                            ("triangle", "cyan"), ("cross", "yellow"), ("ring", "red")})
 UNNAMED_WORDS = ("object", "thing", "shape")
 
 
@@ -43,8 +46,11 @@ class Spec:
 
 
 def random_spec(rng: random.Random, shapes=PRETRAIN_SHAPES, colors=tuple(COLORS),
-                backgrounds=tuple(BACKGROUND_COLORS), patterns=PATTERNS) -> Spec:
-    return Spec(shape=rng.choice(shapes), color=rng.choice(colors), background=rng.choice(backgrounds),
+                backgrounds=tuple(BACKGROUND_COLORS), patterns=PATTERNS, exclude=HELDOUT_COMBOS) -> Spec:
+    shape, color = rng.choice(shapes), rng.choice(colors)
+    while (shape, color) in exclude:
+        shape, color = rng.choice(shapes), rng.choice(colors)
+    return Spec(shape=shape, color=color, background=rng.choice(backgrounds),
                 pattern=rng.choice(patterns), scale=rng.uniform(0.24, 0.36),
                 cx=0.5 + rng.uniform(-0.1, 0.1), cy=0.5 + rng.uniform(-0.1, 0.1), angle=rng.uniform(-25, 25))
 
