@@ -54,3 +54,21 @@ def test_pretrain_writes_a_loadable_sd_folder(tmp_path):
     assert model.components.default_resolution == 64
     assert model.components.scheduler_config["clip_sample"] is False
     assert model.generate("a red circle", steps=2)[0].size == (64, 64)
+
+
+def test_evaluator_ships_and_reads_fresh_renders():
+    """The bundled evaluator loads offline and names shape, colour and background of unseen renders."""
+    import json
+    import random
+
+    from conceptor.toyworld.evaluator import FOLDER, load_evaluator
+
+    evaluator = load_evaluator()
+    rng = random.Random(2024)  # a seed neither training nor the recorded held-out score used
+    specs = [W.random_spec(rng, shapes=W.SHAPES, exclude=frozenset()) for _ in range(200)]
+    p = evaluator.predict([W.render(s) for s in specs])
+    for key in ("shape", "color", "background", "pattern"):
+        accuracy = np.mean([a == getattr(s, key) for a, s in zip(getattr(p, key), specs)])
+        assert accuracy >= 0.95, (key, accuracy)
+    assert p.features.shape == (200, 128)
+    assert json.loads((FOLDER / "config.json").read_text())["held_out_accuracy"]["shape"] >= 0.95
