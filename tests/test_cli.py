@@ -70,3 +70,20 @@ def test_help_and_version(cli):
     assert code == 0 and "--init-token" in out and "--resume" in out
     code, out, _ = cli("--version")
     assert code == 0 and out.startswith("conceptor ")
+
+
+def test_eval_scores_a_run(cli, tiny_sd1, concept_images, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = cli("train", "textual-inversion", "--model", tiny_sd1, "--images", concept_images, "--token",
+                       "<c>", "--init-token", "toy", "--steps", "2", "--output", run)
+    assert code == 0, err
+    code, out, err = cli("eval", run, "--num-images", "4", "--steps", "2")
+    assert code == 0, err
+    scores = json.loads((run / "eval.json").read_text())
+    for key in ("fidelity", "similarity", "editability"):
+        assert key in scores and key in out
+    assert 0 <= scores["fidelity"] <= 1 and 0 <= scores["editability"] <= 1
+    assert (run / "eval-photos.png").is_file() and (run / "eval-edits.png").is_file()
+    assert "only understands toy-world images" in err  # a random tiny model is not the toy world
+    code, _, err = cli("eval", tmp_path)
+    assert code == 2 and "not a run folder" in err

@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and bad flags end here; keep main() callable in-process
         return int(e.code or 0)
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler], force=True)
+    log_handler = _StderrHandler()
+    log_handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[log_handler], force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args.run(args)
+        args.handler(args)
     except ConceptorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
     e.add_argument("dst", metavar="OUT")
     e.add_argument("--to", required=True, choices=["diffusers", "a1111", "kohya"])
     e.add_argument("--token", help="token name when the input file does not carry one")
-    e.set_defaults(run=run_embedding)
+    e.set_defaults(handler=run_embedding)
 
 
 def run_embedding(args) -> None:

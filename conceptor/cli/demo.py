@@ -7,7 +7,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", default="conceptor-demo", metavar="DIR")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 def run(args) -> None:

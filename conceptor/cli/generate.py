@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--output", default="conceptor-images", metavar="DIR")
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 def run(args) -> None:
@@ -34,7 +34,7 @@ def run(args) -> None:
                                 steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                                 width=args.width, height=args.height, batch_size=args.batch_size,
                                 progress=bar.update)
-    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "quiet")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "quiet")}
     from pathlib import Path
 
     paths = api.save_images(images, Path(args.output), settings)

@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
     _flag(g, "--what", choices=["object", "style"], help="template set (default object)")
     _flag(g, "--templates", metavar="FILE", help="own templates, one per line with {} for the token")
     add_common_flags(ti)
-    ti.set_defaults(run=run, flag_map={**COMMON, **TEXTUAL_INVERSION})
+    ti.set_defaults(handler=run, flag_map={**COMMON, **TEXTUAL_INVERSION})
 
 
 def config_from_args(args) -> "RunConfig":  # noqa: F821
