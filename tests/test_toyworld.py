@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conceptor.toyworld import world as W
 
@@ -42,18 +43,60 @@ def test_render_shows_the_shape_colour():
             assert (masks[a] != masks[b]).mean() > 0.02, (a, b)
 
 
-def test_pretrain_writes_a_loadable_sd_folder(tmp_path):
-    """Smoke run of the pretraining recipe: a real diffusers folder that the whole toolkit loads."""
-    from conceptor import api
+@pytest.fixture(scope="module")
+def smoke_model(tmp_path_factory):
+    """A 2+2-step run of the real pretraining recipe (EMA, min-SNR, fresh captions all on)."""
     from conceptor.toyworld.pretrain import RECIPE, pretrain
 
-    recipe = {**RECIPE, "images": 16, "vae_steps": 2, "vae_batch": 4, "unet_steps": 2, "unet_batch": 4}
-    pretrain(tmp_path / "model", recipe, tmp_path / "log.txt", save_every=2)
-    assert "unet 0" not in (tmp_path / "log.txt").read_text() and "done" in (tmp_path / "log.txt").read_text()
-    model = api.load(str(tmp_path / "model"))
+    tmp = tmp_path_factory.mktemp("toyworld")
+    recipe = {**RECIPE, "images": 16, "vae_steps": 2, "vae_batch": 4, "unet_steps": 2, "unet_batch": 4,
+              "warmup_steps": 1}
+    pretrain(tmp / "model", recipe, tmp / "log.txt", save_every=2)
+    return tmp
+
+
+def test_pretrain_writes_a_loadable_sd_folder(smoke_model):
+    """A real diffusers folder that the whole toolkit loads, with the recipe that made it beside it."""
+    import json
+
+    from conceptor import api
+
+    log = (smoke_model / "log.txt").read_text()
+    assert "unet 0" not in log and "done" in log
+    recipe = json.loads((smoke_model / "model" / "recipe.json").read_text())
+    assert recipe["unet_steps_done"] == 2 and recipe["seed"] == 0
+    model = api.load(str(smoke_model / "model"))
     assert model.components.default_resolution == 64
     assert model.components.scheduler_config["clip_sample"] is False
     assert model.generate("a red circle", steps=2)[0].size == (64, 64)
+
+
+def test_lr_schedule_and_min_snr_weight():
+    import torch
+
+    from conceptor.toyworld.pretrain import lr_at, min_snr_weight
+
+    r = {"unet_lr": 1.0, "warmup_steps": 10, "unet_steps": 110, "lr_schedule": "cosine", "lr_floor": 0.1}
+    assert lr_at(5, r) == 0.5 and lr_at(10, r) == 1.0 and abs(lr_at(110, r) - 0.1) < 1e-9
+    assert lr_at(50, {"unet_lr": 3e-4, "unet_steps": 100}) == 3e-4  # old recipes: constant, no warmup
+    w = min_snr_weight(torch.tensor([0.999, 0.5, 0.01]), 5.0)
+    assert w[0] < 0.01 and w[1] == 1.0 and w[2] == 1.0  # only low-noise steps are down-weighted
+
+
+def test_evaluate_model_table(smoke_model):
+    """Seen and unseen splits, all rates in [0, 1]; unseen prompts are exactly the held-out combos."""
+    from conceptor.toyworld.evaluate import evaluate_model, prompt_specs
+
+    specs = prompt_specs(0)
+    assert {(s.shape, s.color) for s in specs["unseen"]} == set(W.HELDOUT_COMBOS)
+    assert not {(s.shape, s.color) for s in specs["seen"]} & W.HELDOUT_COMBOS
+    assert all(s.shape in W.NAMED_SHAPES for v in specs.values() for s in v)
+    table = evaluate_model(smoke_model / "model", n_per_prompt=1, steps=2, grid=smoke_model / "grid.png")
+    for split in ("seen", "unseen"):
+        assert set(table[split]) == {"shape", "color", "background", "pattern", "all_three"}
+        assert all(0.0 <= v <= 1.0 for v in table[split].values())
+    assert len(table["per_prompt"]) == len(specs["seen"]) + len(specs["unseen"])
+    assert (smoke_model / "grid.png").is_file()
 
 
 def test_evaluator_ships_and_reads_fresh_renders():

@@ -20,11 +20,12 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from ..fileio import atomic_dir
+from . import EVALUATOR_FOLDER
 from . import world as W
 
 HEADS = {"shape": W.SHAPES, "color": tuple(W.COLORS), "background": tuple(W.BACKGROUND_COLORS),
          "pattern": W.PATTERNS}
-FOLDER = Path(__file__).parent / "evaluator"
+FOLDER = EVALUATOR_FOLDER
 
 
 class Net(nn.Module):

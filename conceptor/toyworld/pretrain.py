@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import tempfile
 import time
@@ -22,8 +23,12 @@ import torch.nn.functional as F
 from ..fileio import atomic_dir, write_text
 from . import world as W
 
+# The recipe of the bundled model. Keys added later default to "off" in pretrain(), so every recipe.json
+# written before them still reproduces its model.
 RECIPE = {"seed": 0, "images": 20000, "vae_steps": 2500, "vae_batch": 16, "vae_lr": 1e-3, "kl_weight": 1e-6,
-          "unet_steps": 5000, "unet_batch": 32, "unet_lr": 3e-4, "caption_dropout": 0.1}
+          "vae_from": "", "decoder_steps": 0,
+          "unet_steps": 5000, "unet_batch": 32, "unet_lr": 4e-4, "warmup_steps": 200, "lr_schedule": "cosine",
+          "lr_floor": 0.1, "snr_gamma": 5.0, "ema": 0.999, "fresh_captions": 1, "caption_dropout": 0.1}
 
 
 def build_models(vocab_size: int):
@@ -48,6 +53,36 @@ def build_models(vocab_size: int):
     return vae, text_encoder, unet, scheduler
 
 
+def finetune_decoder(vae, steps: int, batch: int = 16, lr: float = 5e-4, seed: int = 1, say=print,
+                     save=None, save_every: int = 200) -> None:
+    """Sharpen colours and patterns by training only the decoder (as SD's ft-MSE VAE was made).
+
+    The encoder is frozen, so the latent space the UNet learned stays exactly the same.
+    """
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr)
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae.decoder.train()
+    for step in range(1, steps + 1):
+        x = render_batch([W.random_spec(rng) for _ in range(batch)])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=g)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + F.l1_loss(recon, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            say(f"decoder {step} loss {loss.item():.5f}")
+        if save is not None and (step % save_every == 0 or step == steps):
+            save(step)
+    vae.eval().requires_grad_(False)
+
+
 def render_batch(specs) -> torch.Tensor:
     arr = np.stack([np.asarray(W.render(s), dtype=np.float32) for s in specs]) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
@@ -65,30 +100,27 @@ def save_folder(out: Path, vae, text_encoder, unet, scheduler, recipe: dict) -> 
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
 
 
-def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500) -> None:
-    from transformers import CLIPTokenizer
+def lr_at(step: int, recipe: dict) -> float:
+    """Linear warmup, then cosine down to ``lr_floor`` x peak (constant when the recipe has no schedule)."""
+    peak, warm = recipe["unet_lr"], recipe.get("warmup_steps", 0)
+    if step <= warm:
+        return peak * step / max(1, warm)
+    if recipe.get("lr_schedule", "constant") == "constant":
+        return peak
+    floor = recipe.get("lr_floor", 0.1)
+    progress = (step - warm) / max(1, recipe["unet_steps"] - warm)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
-    from conceptor.models.tiny import write_clip_tokenizer
 
-    torch.manual_seed(recipe["seed"])
-    log = open(log_path, "a")
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weight for epsilon prediction (Hang et al. 2023): min(SNR, gamma) / SNR."""
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
 
-    def say(msg):
-        log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-        log.flush()
 
-    with tempfile.TemporaryDirectory() as tok_dir:
-        vocab_size = write_clip_tokenizer(tok_dir, W.vocabulary())
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    vae, text_encoder, unet, scheduler = build_models(vocab_size)
-    data = W.dataset(recipe["seed"], recipe["images"])
-    say(f"rendering {len(data)} images")
-    pixels = torch.cat([render_batch([s for s, _ in data[i:i + 1000]]) for i in range(0, len(data), 1000)])
-    captions = [c for _, c in data]
-
-    # 1. VAE: reconstruction + a tiny KL, as SD's autoencoder (without its GAN/perceptual terms).
+def train_vae(vae, pixels: torch.Tensor, recipe: dict, g: torch.Generator, say) -> None:
+    """Reconstruction + a tiny KL, as SD's autoencoder (without its GAN/perceptual terms)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe["vae_lr"])
-    g = torch.Generator().manual_seed(recipe["seed"])
     for step in range(recipe["vae_steps"]):
         idx = torch.randint(0, len(pixels), (recipe["vae_batch"],), generator=g)
         x = pixels[idx]
@@ -101,44 +133,130 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500) -> 
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
             say(f"vae {step} loss {loss.item():.5f}")
+
+
+def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, deadline_min: float = 0,
+             save_every_min: float = 0) -> None:
+    """VAE (or ``recipe["vae_from"]``), then UNet + text encoder jointly; writes ``out`` with recipe.json.
+
+    Recipes written before a key existed reproduce with that key off (``recipe.get`` defaults below).
+    ``deadline_min`` stops early (saving first) so a run fits the wall-clock it was given; the saved
+    recipe records the step reached, and the lr schedule stays the one of the full ``unet_steps``.
+    """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    from conceptor.models.tiny import write_clip_tokenizer
+
+    torch.manual_seed(recipe["seed"])
+    log = open(log_path, "a")
+    start = time.time()
+
+    def say(msg):
+        log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        log.flush()
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        vocab_size = write_clip_tokenizer(tok_dir, W.vocabulary())
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    vae, text_encoder, unet, scheduler = build_models(vocab_size)
+    data = W.dataset(recipe["seed"], recipe["images"])
+    say(f"rendering {len(data)} images; recipe {json.dumps(recipe)}")
+    pixels = torch.cat([render_batch([s for s, _ in data[i:i + 1000]]) for i in range(0, len(data), 1000)])
+    specs = [s for s, _ in data]
+    captions = [c for _, c in data]
+
+    g = torch.Generator().manual_seed(recipe["seed"])
+    if recipe.get("vae_from"):
+        # A VAE trained earlier by this same function (its recipe.json says how): the UNet recipe can be
+        # iterated without paying for the autoencoder again.
+        vae = AutoencoderKL.from_pretrained(recipe["vae_from"])
+        src = Path(recipe["vae_from"]).parent / "recipe.json"
+        if src.is_file():
+            recipe = {**recipe, "vae_recipe": json.loads(src.read_text())}
+        say(f"vae loaded from {recipe['vae_from']}")
+    else:
+        train_vae(vae, pixels, recipe, g, say)
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
+    with torch.no_grad():  # the posterior of every image, computed once: the UNet trains on samples of it
         stats = [vae.encode(pixels[i:i + 500]).latent_dist for i in range(0, len(pixels), 500)]
         mean = torch.cat([d.mean for d in stats])
         std = torch.cat([d.std for d in stats])
-    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
-    say(f"vae done; latent std {mean.std().item():.4f} -> scaling_factor {vae.config.scaling_factor:.4f}")
+    if not recipe.get("vae_from"):
+        vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    say(f"vae done; latent std {mean.std().item():.4f}, scaling_factor {vae.config.scaling_factor:.4f}")
+    if recipe.get("decoder_steps", 0):
+        # Sharper colours for free: the encoder (hence the latent space) stays fixed.
+        finetune_decoder(vae, recipe["decoder_steps"], say=say)
 
-    # 2. UNet + text encoder from scratch, on cached latents, with caption dropout for guidance.
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    # UNet + text encoder from scratch, on cached latents, with caption dropout for guidance.
+    cache: dict[str, torch.Tensor] = {}
+
+    def tokens(texts: list[str]) -> torch.Tensor:
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            ids = tokenizer(new, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            cache.update(zip(new, ids))
+        return torch.stack([cache[t] for t in texts])
+
+    fresh = recipe.get("fresh_captions", False)  # a new template draw every time an image is seen
+    cap_rng = random.Random(recipe["seed"] + 2)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe["unet_lr"], weight_decay=1e-2)
+    ema_decay = recipe.get("ema", 0.0)
+    ema = [p.detach().clone() for p in params] if ema_decay else None
+    gamma = recipe.get("snr_gamma", 0.0)
     acp = scheduler.alphas_cumprod
     unet.train()
     text_encoder.train()
     t0 = time.time()
+    last_save = time.time()
+
+    def save(step):
+        if ema is not None:  # sample from the averaged weights; training weights are put back after
+            live = [p.detach().clone() for p in params]
+            torch._foreach_copy_([p.data for p in params], ema)
+        save_folder(out, vae, text_encoder, unet, scheduler, {**recipe, "unet_steps_done": step})
+        if ema is not None:
+            torch._foreach_copy_([p.data for p in params], live)
+        say(f"saved {out} at unet step {step}")
+
     for step in range(1, recipe["unet_steps"] + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe)
         idx = torch.randint(0, len(mean), (recipe["unet_batch"],), generator=g)
         lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * vae.config.scaling_factor
-        batch_ids = ids[idx].clone()
+        texts = [W.caption(specs[i], cap_rng) if fresh else captions[i] for i in idx.tolist()]
         drop = torch.rand(len(idx), generator=g) < recipe["caption_dropout"]
-        batch_ids[drop] = empty
+        batch_ids = tokens(["" if d else t for d, t in zip(drop.tolist(), texts)])
         noise = torch.randn(lat.shape, generator=g)
         t = torch.randint(0, 1000, (len(idx),), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
         pred = unet(noisy, t, text_encoder(batch_ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))
+        weight = min_snr_weight(acp[t], gamma) if gamma else torch.ones_like(per_sample)
+        loss = (weight * per_sample).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            # Warmed-up decay (as diffusers' EMAModel): early averages do not drag in the random init.
+            d = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
         if step % 50 == 0:
-            say(f"unet {step} loss {loss.item():.5f} ({(time.time() - t0) / step:.2f} s/step)")
-        if step % save_every == 0 or step == recipe["unet_steps"]:
-            save_folder(out, vae, text_encoder, unet, scheduler, {**recipe, "unet_steps_done": step})
-            say(f"saved {out} at unet step {step}")
+            say(f"unet {step} loss {loss.item():.5f} mse {per_sample.mean().item():.5f} lr {lr_at(step, recipe):.2e} "
+                f"({(time.time() - t0) / step:.2f} s/step)")
+        late = deadline_min and time.time() - start > deadline_min * 60
+        due = (save_every_min and time.time() - last_save > save_every_min * 60) or (
+            not save_every_min and step % save_every == 0)
+        if due or late or step == recipe["unet_steps"]:
+            save(step)
+            last_save = time.time()
+        if late:
+            say(f"deadline of {deadline_min} min reached at unet step {step}")
+            break
     say("done")
 
 
@@ -150,12 +268,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--deadline-min", type=float, default=0, help="stop (after saving) past this many minutes")
+    ap.add_argument("--save-every-min", type=float, default=0, help="save by wall-clock instead of by steps")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(0)
     recipe = {k: getattr(args, k) for k in RECIPE}
-    pretrain(args.out, recipe, args.log or args.out.with_suffix(".log"), args.save_every)
+    pretrain(args.out, recipe, args.log or args.out.with_suffix(".log"), args.save_every, args.deadline_min,
+             args.save_every_min)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""Write the shipped toy-world model: a pretraining folder in fp16, with its recipe and scores beside it.
+
+    python -m conceptor.toyworld.bundle RUN_FOLDER [--vae FOLDER] [--scores evaluate.json]
+
+fp16 halves the size (the package budget is ~20 MB); every loader in conceptor casts back to fp32 on the
+CPU, and diffusers/transformers do the same when asked for ``dtype=torch.float32``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..fileio import atomic_dir
+from . import MODEL_FOLDER
+
+
+def ship_model(src: str | Path, dst: str | Path = MODEL_FOLDER, vae: str | Path | None = None,
+               scores: dict | None = None) -> Path:
+    """Copy ``src`` to ``dst`` with fp16 weights; ``vae`` swaps in another VAE (e.g. a fine-tuned decoder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from conceptor.models.load import quiet_libraries
+
+    quiet_libraries()
+    src, dst = Path(src), Path(dst)
+    recipe = json.loads((src / "recipe.json").read_text())
+    with atomic_dir(dst) as tmp:
+        for part in ("tokenizer", "scheduler"):
+            shutil.copytree(src / part, tmp / part)
+        shutil.copy(src / "model_index.json", tmp / "model_index.json")
+        UNet2DConditionModel.from_pretrained(src / "unet").to(torch.float16).save_pretrained(tmp / "unet")
+        CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32).to(torch.float16).save_pretrained(
+            tmp / "text_encoder")
+        vae_src = Path(vae) if vae else src / "vae"
+        AutoencoderKL.from_pretrained(vae_src).to(torch.float16).save_pretrained(tmp / "vae")
+        if vae:
+            vae_recipe = Path(vae).parent / "recipe.json"
+            recipe["vae_swapped_in"] = {"from": str(vae), "recipe": json.loads(vae_recipe.read_text())
+                                        if vae_recipe.is_file() else None}
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
+        if scores:
+            (tmp / "scores.json").write_text(json.dumps(scores, indent=2))
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src")
+    ap.add_argument("--dst", default=str(MODEL_FOLDER))
+    ap.add_argument("--vae", default=None)
+    ap.add_argument("--scores", default=None, help="an evaluate.py --json table to keep beside the model")
+    args = ap.parse_args()
+    scores = json.loads(Path(args.scores).read_text()) if args.scores else None
+    print(ship_model(args.src, args.dst, args.vae, scores))
+
+
+if __name__ == "__main__":
+    main()
