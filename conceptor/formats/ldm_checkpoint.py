@@ -1,145 +1,194 @@
-"""diffusers -> original LDM/CompVis single-file layout (what AUTOMATIC1111 and ComfyUI load).
+"""diffusers components -> one ``.safetensors`` in the original CompVis/LDM layout.
 
-The inverse of diffusers' single-file loader, as key-renaming tables derived from the model configs, so
-it works for any depth/width of SD1/SD2-shaped models (including the tiny ones in tests).
+That layout (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``) is what
+AUTOMATIC1111, ComfyUI and diffusers' own ``from_single_file`` read. The mapping is the inverse of
+diffusers' ``single_file_utils`` converters, written as key-prefix tables built from the *state dict
+itself* (block counts are read off the keys), so any depth/width of SD1/SD2-shaped model works,
+including the tiny test models. Keys we do not know raise instead of being dropped: a checkpoint that
+silently lacks weights loads as random noise in other tools.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
+from ..errors import ConceptorError
 from ..fileio import atomic_path
 
-_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
-           ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+FAMILIES = ("sd1", "sd2")
+Tensors = Mapping[str, torch.Tensor]
+
+# Inner names of a UNet resnet: diffusers ResnetBlock2D -> LDM ResBlock (nn.Sequential indices).
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+# VAE resnets keep their names except the 1x1 shortcut; the mid attention has its own short names.
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+# One OpenCLIP resblock, minus q/k/v which are fused into in_proj (below).
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+# SD2's OpenCLIP-H has 24 blocks but SD2 conditions on the penultimate one, so diffusers' text encoder
+# keeps 23 and its loader ignores ``resblocks.23``. We write that block back as all zeros: a zeroed
+# pre-LN residual block is an exact identity, so tools that run 24 blocks (with or without skipping the
+# last) get the same embedding, and strict loaders find every key a real SD2 file has.
+_SD2_FULL_LAYERS = 24
 
 
-def _unet_prefix_map(config) -> list[tuple[str, str]]:
-    """(ldm prefix, diffusers prefix) pairs for the UNet's blocks."""
-    pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
-             ("middle_block.1.", "mid_block.attentions.0."),
-             ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.2.", "mid_block.resnets.1.")]
-    layers = config.layers_per_block
-    n = len(config.block_out_channels)
-    for i, kind in enumerate(config.down_block_types):
+def _indices(sd: Tensors, prefix: str) -> list[int]:
+    """Sorted distinct integers that follow ``prefix`` in the keys (block / layer numbers)."""
+    return sorted({int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)})
+
+
+def _has(sd: Tensors, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in sd)
+
+
+def _rename_all(sd: Tensors, table: list[tuple[str, str, dict | None]], what: str) -> dict[str, torch.Tensor]:
+    """Apply (diffusers prefix, LDM prefix, inner-name map) rows; the first matching prefix wins."""
+    out = {}
+    for key, value in sd.items():
+        for hf, ldm, inner in table:
+            if key.startswith(hf):
+                rest = key[len(hf):]
+                if inner:
+                    for a, b in inner.items():  # inner names are whole leading components
+                        if rest.startswith(a + "."):
+                            rest = b + rest[len(a):]
+                            break
+                out[ldm + rest] = value
+                break
+        else:
+            raise ConceptorError(f"cannot write {what} weight {key!r} in the LDM single-file layout "
+                                 "(only SD1/SD2-shaped models are supported)")
+    return out
+
+
+def _unet_table(sd: Tensors) -> list[tuple[str, str, dict | None]]:
+    # LDM numbers input/output blocks consecutively: each level has `layers` resnet(+attention) slots
+    # then one down/upsampler slot (none after the last down level / last up level).
+    layers = len(_indices(sd, "down_blocks.0.resnets."))
+    table = [("time_embedding.linear_1.", "time_embed.0.", None), ("time_embedding.linear_2.", "time_embed.2.", None),
+             ("conv_in.", "input_blocks.0.0.", None), ("conv_norm_out.", "out.0.", None), ("conv_out.", "out.2.", None),
+             ("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET),
+             ("mid_block.attentions.0.", "middle_block.1.", None),
+             ("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET)]
+    slot = 1
+    for i in _indices(sd, "down_blocks."):
         for j in range(layers):
-            ldm = (layers + 1) * i + j + 1
-            pairs.append((f"input_blocks.{ldm}.0.", f"down_blocks.{i}.resnets.{j}."))
-            if "CrossAttn" in kind:
-                pairs.append((f"input_blocks.{ldm}.1.", f"down_blocks.{i}.attentions.{j}."))
-        if i < n - 1:
-            pairs.append((f"input_blocks.{(layers + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-    for i, kind in enumerate(config.up_block_types):
-        for j in range(layers + 1):
-            ldm = (layers + 1) * i + j
-            pairs.append((f"output_blocks.{ldm}.0.", f"up_blocks.{i}.resnets.{j}."))
-            if "CrossAttn" in kind:
-                pairs.append((f"output_blocks.{ldm}.1.", f"up_blocks.{i}.attentions.{j}."))
-        if i < n - 1:
-            slot = 2 if "CrossAttn" in kind else 1
-            pairs.append((f"output_blocks.{(layers + 1) * i + layers}.{slot}.", f"up_blocks.{i}.upsamplers.0."))
-    return pairs
+            table.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{slot}.0.", _UNET_RESNET))
+            table.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{slot}.1.", None))
+            slot += 1
+        if _has(sd, f"down_blocks.{i}.downsamplers."):
+            table.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{slot}.0.op.", None))
+            slot += 1
+    slot = 0
+    for i in _indices(sd, "up_blocks."):
+        n = len(_indices(sd, f"up_blocks.{i}.resnets."))  # layers + 1 in up blocks
+        for j in range(n):
+            table.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{slot + j}.0.", _UNET_RESNET))
+            table.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{slot + j}.1.", None))
+        # The upsampler sits in the level's last output block, after the attention when there is one.
+        pos = 2 if _has(sd, f"up_blocks.{i}.attentions.") else 1
+        table.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{slot + n - 1}.{pos}.", None))
+        slot += n
+    return table
 
 
-def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
-    for ldm, hf in pairs:
-        if key.startswith(hf):
-            return ldm + key[len(hf):]
-    raise KeyError(key)
+def unet_to_ldm(sd: Tensors) -> dict[str, torch.Tensor]:
+    """UNet2DConditionModel state dict -> ``model.diffusion_model.*`` keys."""
+    out = _rename_all(sd, _unet_table(sd), "UNet")
+    return {"model.diffusion_model." + k: v for k, v in out.items()}
 
 
-def unet_to_ldm(sd: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    pairs = _unet_prefix_map(config)
-    out = {}
-    for key, value in sd.items():
-        new = _rename(key, pairs)
-        if ".resnets." in key or new.startswith(("middle_block.0.", "middle_block.2.")):
-            for ldm, hf in _RESNET:
-                new = new.replace(f".{hf}.", f".{ldm}.")
-        out["model.diffusion_model." + new] = value
-    return out
-
-
-def vae_to_ldm(sd: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    n = len(config.block_out_channels)
-    pairs = [("encoder.mid.attn_1.", "encoder.mid_block.attentions.0."),
-             ("decoder.mid.attn_1.", "decoder.mid_block.attentions.0."),
-             ("encoder.norm_out.", "encoder.conv_norm_out."), ("decoder.norm_out.", "decoder.conv_norm_out.")]
+def vae_to_ldm(sd: Tensors) -> dict[str, torch.Tensor]:
+    """AutoencoderKL state dict -> ``first_stage_model.*`` keys (decoder levels are numbered in reverse)."""
+    table: list[tuple[str, str, dict | None]] = [
+        (p, p, None) for p in ("quant_conv.", "post_quant_conv.", "encoder.conv_in.", "encoder.conv_out.",
+                               "decoder.conv_in.", "decoder.conv_out.")]
     for part in ("encoder", "decoder"):
-        for i in range(2):
-            pairs.append((f"{part}.mid.block_{i + 1}.", f"{part}.mid_block.resnets.{i}."))
-    for i in range(n):
-        for j in range(config.layers_per_block):
-            pairs.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
-        for j in range(config.layers_per_block + 1):
-            pairs.append((f"decoder.up.{n - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
-        if i < n - 1:
-            pairs.append((f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."))
-            pairs.append((f"decoder.up.{n - 1 - i}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0."))
-    attn = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
+        table += [(f"{part}.conv_norm_out.", f"{part}.norm_out.", None),
+                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", _VAE_ATTN)]
+        table += [(f"{part}.mid_block.resnets.{k}.", f"{part}.mid.block_{k + 1}.", _VAE_RESNET) for k in range(2)]
+    for i in _indices(sd, "encoder.down_blocks."):
+        for j in _indices(sd, f"encoder.down_blocks.{i}.resnets."):
+            table.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", _VAE_RESNET))
+        table.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", None))
+    ups = _indices(sd, "decoder.up_blocks.")
+    for i in ups:
+        level = len(ups) - 1 - i
+        for j in _indices(sd, f"decoder.up_blocks.{i}.resnets."):
+            table.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{level}.block.{j}.", _VAE_RESNET))
+        table.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{level}.upsample.", None))
     out = {}
-    for key, value in sd.items():
-        try:
-            new = _rename(key, pairs)
-        except KeyError:
-            new = key  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
-        if ".mid.attn_1." in new:
-            head, tail = new.split(".mid.attn_1.")
-            for ldm, hf in attn:
-                if tail.startswith(hf):
-                    tail = ldm + tail[len(hf):]
-                    break
-            new = f"{head}.mid.attn_1.{tail}"
-            if value.ndim == 2:  # LDM's attention projections are 1x1 convolutions
-                value = value[:, :, None, None]
-        elif "block." in new or "block_" in new:
-            new = new.replace(".conv_shortcut.", ".nin_shortcut.")
-        out["first_stage_model." + new] = value
+    for key, value in _rename_all(sd, table, "VAE").items():
+        if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's VAE attention projections are 1x1 convolutions
+        out["first_stage_model." + key] = value
     return out
 
 
-def clip_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD1's text encoder is stored whole under ``cond_stage_model.transformer.text_model.``."""
-    out = {}
-    for key, value in sd.items():
-        key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
-    return out
+def _strip_text_model(sd: Tensors) -> dict[str, torch.Tensor]:
+    # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` prefix); older ones have it.
+    # position_ids is a non-learned buffer; loaders rebuild it.
+    return {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
 
 
-def open_clip_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD2's OpenCLIP layout: fused q/k/v ``in_proj``, ``resblocks``, ``ln_final`` (under cond_stage_model.model.)."""
-    sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
-    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           "positional_embedding": sd["embeddings.position_embedding.weight"],
-           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"]}
-    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
-    names = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
-             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+def clip_to_ldm(sd: Tensors) -> dict[str, torch.Tensor]:
+    """SD1: the HF CLIPTextModel is stored as-is under ``cond_stage_model.transformer.text_model.``."""
+    return {"cond_stage_model.transformer.text_model." + k: v for k, v in _strip_text_model(sd).items()}
+
+
+def open_clip_to_ldm(sd: Tensors) -> dict[str, torch.Tensor]:
+    """SD2: OpenCLIP names under ``cond_stage_model.model.``, q/k/v fused into ``attn.in_proj_*``."""
+    sd = _strip_text_model(sd)
+    rows: list[tuple[str, str, dict | None]] = [
+        ("embeddings.token_embedding.weight", "token_embedding.weight", None),
+        ("embeddings.position_embedding.weight", "positional_embedding", None),  # a bare Parameter in OpenCLIP
+        ("final_layer_norm.", "ln_final.", None)]
+    layers = _indices(sd, "encoder.layers.")
+    rows += [(f"encoder.layers.{i}.", f"transformer.resblocks.{i}.", _OPEN_CLIP_LAYER) for i in layers]
+    fused = {k: v for k, v in sd.items() if ".self_attn." in k and k.split(".")[-2] in ("q_proj", "k_proj", "v_proj")}
+    out = _rename_all({k: v for k, v in sd.items() if k not in fused}, rows, "text encoder")
     for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for hf, ldm in names:
-            for p in ("weight", "bias"):
-                out[f"{dst}{ldm}.{p}"] = sd[f"{src}{hf}.{p}"]
         for p in ("weight", "bias"):
-            out[f"{dst}attn.in_proj_{p}"] = torch.cat([sd[f"{src}self_attn.{x}_proj.{p}"] for x in "qkv"])
+            # nn.MultiheadAttention packs [q; k; v] along dim 0; diffusers' loader splits it back in thirds.
+            out[f"transformer.resblocks.{i}.attn.in_proj_{p}"] = torch.cat(
+                [fused.pop(f"encoder.layers.{i}.self_attn.{x}_proj.{p}") for x in "qkv"])
+    if fused:
+        raise ConceptorError(f"cannot write text encoder weights {sorted(fused)[:3]} in the OpenCLIP layout")
+    if len(layers) == _SD2_FULL_LAYERS - 1:  # the real SD2 encoder: restore the skipped last block as identity
+        last = f"transformer.resblocks.{layers[-1]}."
+        for key in [k for k in out if k.startswith(last)]:
+            out[f"transformer.resblocks.{_SD2_FULL_LAYERS - 1}." + key[len(last):]] = torch.zeros_like(out[key])
     return {"cond_stage_model.model." + k: v for k, v in out.items()}
 
 
-def diffusers_to_ldm(unet, vae, text_encoder, family: str) -> dict[str, torch.Tensor]:
-    te = text_encoder.state_dict()
-    te = {k: v for k, v in te.items() if "position_ids" not in k}
-    text = clip_to_ldm(te) if family == "sd1" else open_clip_to_ldm(te)
-    return {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config), **text}
+def diffusers_to_ldm(unet_sd: Tensors, vae_sd: Tensors, text_encoder_sd: Tensors,
+                     family: str) -> dict[str, torch.Tensor]:
+    """Pure key mapping of the three diffusers state dicts into one LDM-layout state dict (same tensors)."""
+    if family not in FAMILIES:
+        raise ConceptorError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
+    text = clip_to_ldm(text_encoder_sd) if family == "sd1" else open_clip_to_ldm(text_encoder_sd)
+    return {**unet_to_ldm(unet_sd), **vae_to_ldm(vae_sd), **text}
 
 
-def save_single_file(unet, vae, text_encoder, path: str | Path, family: str, dtype: torch.dtype | None = None) -> Path:
-    """Write one ``.safetensors`` in the LDM layout, atomically."""
+def _state_dict(part) -> Tensors:
+    return part if isinstance(part, Mapping) else part.state_dict()
+
+
+def save_single_file(unet, vae, text_encoder, path: str | Path, family: str,
+                     dtype: torch.dtype | None = None) -> Path:
+    """Write modules (or their state dicts) as one LDM ``.safetensors``, atomically; returns the path.
+
+    ``dtype`` casts floating-point tensors (e.g. torch.float16 halves the file). Metadata records
+    ``format=ldm`` and the family so our own loader need not guess.
+    """
     from safetensors.torch import save_file
 
-    sd = diffusers_to_ldm(unet, vae, text_encoder, family)
+    sd = diffusers_to_ldm(_state_dict(unet), _state_dict(vae), _state_dict(text_encoder), family)
+    # safetensors wants contiguous CPU tensors; no copy when they already are (a 2 GB model stays 2 GB).
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
           for k, v in sd.items()}
     path = Path(path)
