@@ -63,6 +63,23 @@ def parse_embedding_arg(arg: str) -> tuple[Path, str | None]:
     return p, token or None
 
 
+def parse_lora_arg(arg: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:SCALE``; a folder means its pytorch_lora_weights.safetensors."""
+    path, scale = arg, 1.0
+    if ":" in arg and not Path(arg).exists():
+        head, tail = arg.rsplit(":", 1)
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            raise ConceptorError(f"--lora {arg}: the part after ':' must be a scale like 0.8") from None
+    p = Path(path)
+    if p.is_dir():
+        p = p / "pytorch_lora_weights.safetensors"
+    if not p.is_file():
+        raise ConceptorError(f"LoRA file {p} does not exist")
+    return p, scale
+
+
 class Model:
     """A loaded model plus any embeddings, ready to generate (KerasCV-style ``text_to_image`` too)."""
 
@@ -80,6 +97,13 @@ class Model:
                    emb.vectors.to(self.components.text_encoder.dtype))
         self.tokens[emb.token] = emb.num_vectors
         return emb.token
+
+    def add_lora(self, path: str | Path, scale: float = 1.0) -> int:
+        """Merge a LoRA (diffusers/PEFT or kohya file) into the weights at ``scale``; LoRAs add up."""
+        from .formats.lora import apply_lora, read_lora
+
+        c = self.components
+        return apply_lora(read_lora(path), c.unet, c.text_encoder, scale)
 
     def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 30,
                  guidance: float = 7.5, scheduler: str = "ddim", seed: int | None = 0, width: int | None = None,
@@ -101,14 +125,19 @@ class Model:
                              guidance=unconditional_guidance_scale, seed=seed)
 
 
-def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, device: str | None = None,
-         dtype: torch.dtype = torch.float32, model_config: str | None = None, family: str | None = None) -> Model:
-    """Load a model (hub id, folder, .safetensors; None = bundled toy model) and textual-inversion files."""
+def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, loras: Iterable[str | Path] = (),
+         device: str | None = None, dtype: torch.dtype = torch.float32, model_config: str | None = None,
+         family: str | None = None) -> Model:
+    """Load a model (hub id, folder, .safetensors; None = bundled toy model), textual-inversion files and
+    LoRAs (``FILE[:SCALE]``), so one prompt can use all of them."""
+    parsed_loras = [parse_lora_arg(str(x)) for x in loras]  # a typo fails before the model loads
     components = resolve_model(ModelConfig(model=model, model_config=model_config, family=family))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     for m in (components.text_encoder, components.vae, components.unet):
         m.to(device, dtype=dtype).eval()
     loaded = Model(components)
+    for path, scale in parsed_loras:
+        loaded.add_lora(path, scale)
     for e in embeddings:
         path, token = parse_embedding_arg(str(e))
         loaded.add_embedding(path, token)
@@ -116,11 +145,11 @@ def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, dev
 
 
 def generate(prompt: str, model: str | None = None, embeddings: Sequence[str | Path] = (), *,
-             output: str | Path | None = None, **kwargs) -> list[Image.Image]:
+             loras: Sequence[str | Path] = (), output: str | Path | None = None, **kwargs) -> list[Image.Image]:
     """One call: load, generate, and (with ``output``) write PNGs, a grid and the settings used."""
-    images = load(model, embeddings).generate(prompt, **kwargs)
+    images = load(model, embeddings, loras=loras).generate(prompt, **kwargs)
     if output is not None:
-        save_images(images, Path(output), {"prompt": prompt, "model": model,
+        save_images(images, Path(output), {"prompt": prompt, "model": model, "loras": [str(x) for x in loras],
                                            "embeddings": [str(e) for e in embeddings], **kwargs})
     return images
 

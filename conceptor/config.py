@@ -36,7 +36,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
+    lr: float | None = None  # None = the method's default (DEFAULT_LR)
     scale_lr: bool = False  # lr x batch x grad_accum x processes, as the seeds' --scale_lr
     lr_scheduler: str = "constant"
     warmup: int = 0
@@ -45,6 +45,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = None
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit: optimizer state in 8 bits (CUDA only)
 
 
 @dataclass
@@ -66,6 +67,10 @@ class TrainConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     log_every: int = 10
+    gradient_checkpointing: bool = False
+    ema: bool = False  # exponential moving average of the trained weights, saved as the output
+    ema_decay: float = 0.9999
+    offload_ema: bool = False  # keep the average in CPU memory between steps
 
 
 @dataclass
@@ -78,6 +83,24 @@ class TextualInversionConfig:
 
 
 @dataclass
+class DreamBoothConfig:
+    instance_prompt: str = ""
+    class_prompt: str | None = None  # given = prior preservation on
+    class_images: str | None = None  # default OUTPUT/class_images; missing images are generated there
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_sampling_steps: int = 25
+    class_guidance: float = 7.5
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # default: --lr
+    lora: bool = False
+    rank: int = 4
+    alpha: float | None = None  # default: rank (scale 1)
+    lora_text_encoder: bool = False
+    save_single_file: bool = False
+
+
+@dataclass
 class RunConfig:
     method: str
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -85,6 +108,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     textual_inversion: TextualInversionConfig | None = None
+    dreambooth: DreamBoothConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -93,7 +117,10 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-METHOD_SECTIONS = {"textual-inversion": ("textual_inversion", TextualInversionConfig)}
+METHOD_SECTIONS = {"textual-inversion": ("textual_inversion", TextualInversionConfig),
+                   "dreambooth": ("dreambooth", DreamBoothConfig)}
+# The seeds' learning rates: TI moves a few vectors, full DreamBooth the whole UNet, LoRA a small adapter.
+DEFAULT_LR = {"textual-inversion": 5e-4, "dreambooth": 5e-6, "dreambooth-lora": 1e-4}
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 
 
@@ -146,6 +173,8 @@ def build_config(method: str, file_values: dict[str, Any] | None, overrides: dic
             raise ConceptorError(f"unknown key(s) {', '.join(unknown)} in section {name!r}; valid: {', '.join(sorted(names))}")
         sections[name] = cls(**merged[name])
     cfg = RunConfig(method=method, **sections)
+    if cfg.optim.lr is None:
+        cfg.optim.lr = DEFAULT_LR[method + ("-lora" if cfg.dreambooth and cfg.dreambooth.lora else "")]
     validate(cfg)
     return cfg
 
@@ -163,7 +192,8 @@ def validate(cfg: RunConfig) -> None:
         (t.validation_every >= 0, "--validation-every must be >= 0"),
         (t.snr_gamma is None or t.snr_gamma > 0, "--snr-gamma must be positive (5.0 is the paper's value)"),
         (t.noise_offset >= 0, "--noise-offset must be >= 0"),
-        (o.lr > 0, "--lr must be positive"),
+        (o.lr is not None and o.lr > 0, "--lr must be positive"),
+        (0 < t.ema_decay < 1, "--ema-decay must be between 0 and 1, e.g. 0.9999"),
         (o.lr_scheduler in ("constant", "cosine", "linear"), "--lr-scheduler must be constant, cosine or linear"),
         (o.warmup >= 0, "--warmup must be >= 0"),
         (d.resolution is None or (d.resolution > 0 and d.resolution % 8 == 0),
@@ -178,6 +208,23 @@ def validate(cfg: RunConfig) -> None:
             (bool(ti.init_token), "--init-token is required: one word close to the concept, e.g. toy"),
             (1 <= ti.vectors <= 64, "--vectors must be between 1 and 64"),
             (ti.what in ("object", "style"), "--what must be object or style"),
+        ]
+    if cfg.dreambooth is not None:
+        db = cfg.dreambooth
+        checks += [
+            (bool(db.instance_prompt), "--instance-prompt is required, e.g. 'a photo of sks toy'"),
+            (db.num_class_images >= 1, "--num-class-images must be at least 1"),
+            (db.prior_loss_weight >= 0, "--prior-loss-weight must be >= 0"),
+            (db.rank >= 1, "--rank must be at least 1"),
+            (db.alpha is None or db.alpha > 0, "--alpha must be positive"),
+            (not db.lora_text_encoder or db.lora, "--lora-text-encoder needs --lora"),
+            (not (db.lora and db.train_text_encoder),
+             "with --lora, train the text encoder as a LoRA too: --lora-text-encoder (not --train-text-encoder)"),
+            (not (db.lora and db.save_single_file),
+             "--save-single-file writes a full model; a LoRA run writes pytorch_lora_weights.safetensors"),
+            (db.class_images is None or db.class_prompt,
+             "--class-images needs --class-prompt (the prompt its images show, e.g. 'a photo of a toy')"),
+            (db.text_encoder_lr is None or db.text_encoder_lr > 0, "--text-encoder-lr must be positive"),
         ]
     for ok, message in checks:
         if not ok:

@@ -85,7 +85,7 @@ def test_lr_schedule_and_min_snr_weight():
 
 def test_evaluate_model_table(smoke_model):
     """Seen and unseen splits, all rates in [0, 1]; unseen prompts are exactly the held-out combos."""
-    from conceptor.toyworld.evaluate import evaluate_model, prompt_specs
+    from conceptor.toyworld.evaluate import evaluate_model, evaluate_vae, prompt_specs
 
     specs = prompt_specs(0)
     assert {(s.shape, s.color) for s in specs["unseen"]} == set(W.HELDOUT_COMBOS)
@@ -97,6 +97,8 @@ def test_evaluate_model_table(smoke_model):
         assert all(0.0 <= v <= 1.0 for v in table[split].values())
     assert len(table["per_prompt"]) == len(specs["seen"]) + len(specs["unseen"])
     assert (smoke_model / "grid.png").is_file()
+    vae = evaluate_vae(smoke_model / "model" / "vae", n=8)  # the ceiling a UNet on this VAE can reach
+    assert {"shape", "color", "background", "pattern", "mae"} <= set(vae) and 0 <= vae["color"] <= 1
 
 
 def test_evaluator_ships_and_reads_fresh_renders():

@@ -1,4 +1,4 @@
-"""``conceptor convert embedding IN OUT --to diffusers|a1111|kohya``."""
+"""``conceptor convert embedding|lora IN OUT --to FORMAT``."""
 from __future__ import annotations
 
 
@@ -11,6 +11,11 @@ def add_parser(sub) -> None:
     e.add_argument("--to", required=True, choices=["diffusers", "a1111", "kohya"])
     e.add_argument("--token", help="token name when the input file does not carry one")
     e.set_defaults(handler=run_embedding)
+    lo = kinds.add_parser("lora", help="LoRA weights (diffusers/PEFT <-> kohya, as A1111 and ComfyUI load)")
+    lo.add_argument("src", metavar="IN")
+    lo.add_argument("dst", metavar="OUT")
+    lo.add_argument("--to", required=True, choices=["diffusers", "kohya"])
+    lo.set_defaults(handler=run_lora)
 
 
 def run_embedding(args) -> None:
@@ -18,3 +23,12 @@ def run_embedding(args) -> None:
 
     emb = api.convert_embedding(args.src, args.dst, to=args.to, token=args.token)
     print(f"wrote {args.dst} ({args.to}): token {emb.token}, {emb.num_vectors} vector(s) x {emb.vectors.shape[-1]}")
+
+
+def run_lora(args) -> None:
+    from ..formats.lora import read_lora, write_lora
+
+    lora = read_lora(args.src)
+    write_lora(lora, args.dst, args.to)
+    ranks = sorted({d.shape[0] for d, _ in lora.values()})
+    print(f"wrote {args.dst} ({args.to}): {len(lora)} layer(s), rank {'/'.join(map(str, ranks))}")

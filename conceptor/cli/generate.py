@@ -11,6 +11,8 @@ def add_parser(sub) -> None:
     p.add_argument("--negative-prompt")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="textual-inversion file or run folder (repeatable; diffusers, A1111 or kohya format)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA file or run folder, optional scale (default 1.0); repeatable, diffusers or kohya format")
     p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "euler", "euler-a", "dpm++"])
@@ -28,7 +30,8 @@ def run(args) -> None:
 
     from .. import api
 
-    model = api.load(args.model, args.embedding, model_config=args.model_config, family=args.family)
+    model = api.load(args.model, args.embedding, model_config=args.model_config, family=args.family,
+                     loras=args.lora)
     with tqdm(total=args.num_images, desc="generating", unit="img") as bar:
         images = model.generate(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
                                 steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 # flag dest -> (config section, key). Flags default to None so a config file's value stands unless given.
 COMMON = {
@@ -19,13 +20,20 @@ COMMON = {
     "overwrite": ("train", "overwrite"), "validation_prompt": ("train", "validation_prompts"),
     "validation_every": ("train", "validation_every"), "validation_images": ("train", "validation_images"),
     "snr_gamma": ("train", "snr_gamma"), "noise_offset": ("train", "noise_offset"),
-    "log_every": ("train", "log_every"),
+    "log_every": ("train", "log_every"), "use_8bit_adam": ("optim", "use_8bit_adam"),
+    "gradient_checkpointing": ("train", "gradient_checkpointing"), "ema": ("train", "ema"),
+    "ema_decay": ("train", "ema_decay"), "offload_ema": ("train", "offload_ema"),
 }
 TEXTUAL_INVERSION = {
     "token": ("textual_inversion", "token"), "init_token": ("textual_inversion", "init_token"),
     "vectors": ("textual_inversion", "vectors"), "what": ("textual_inversion", "what"),
     "templates": ("textual_inversion", "templates"),
 }
+
+DREAMBOOTH = {k: ("dreambooth", k) for k in (
+    "instance_prompt", "class_prompt", "class_images", "num_class_images", "prior_loss_weight",
+    "class_sampling_steps", "class_guidance", "train_text_encoder", "text_encoder_lr", "lora", "rank", "alpha",
+    "lora_text_encoder", "save_single_file")}
 
 
 def _flag(p, name, **kw):
@@ -48,12 +56,17 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     _flag(g, "--flip-p", type=float, help="probability of a horizontal flip (default 0.5)")
     _flag(g, "--repeats", type=int, help="images x repeats = one shuffled epoch (default 100)")
     g = p.add_argument_group("optimization")
-    _flag(g, "--lr", type=float, help="learning rate (default 5e-4)")
+    _flag(g, "--lr", type=float, help="learning rate (default: textual inversion 5e-4, DreamBooth 5e-6, LoRA 1e-4)")
     _flag(g, "--scale-lr", action="store_true", help="multiply lr by batch size x grad accumulation x processes")
     _flag(g, "--lr-scheduler", choices=["constant", "cosine", "linear"])
     _flag(g, "--warmup", type=int, metavar="N", help="linear warm-up steps")
     _flag(g, "--weight-decay", type=float)
     _flag(g, "--max-grad-norm", type=float, help="clip gradients to this norm")
+    _flag(g, "--use-8bit-adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA; saves optimizer memory)")
+    _flag(g, "--ema", action="store_true", help="keep an exponential moving average of the trained weights; "
+          "it is saved as the output (raw weights in OUTPUT/raw)")
+    _flag(g, "--ema-decay", type=float, help="EMA decay (default 0.9999)")
+    _flag(g, "--offload-ema", action="store_true", help="keep the EMA weights in CPU memory")
     g = p.add_argument_group("training")
     _flag(g, "--output", metavar="DIR", help="run folder (default conceptor-output)")
     _flag(g, "--steps", type=int, help="optimizer steps (default 3000)")
@@ -72,6 +85,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     _flag(g, "--snr-gamma", type=float, help="min-SNR loss weighting (Hang et al. 2023), e.g. 5.0")
     _flag(g, "--noise-offset", type=float, help="offset noise strength, e.g. 0.05")
     _flag(g, "--log-every", type=int, metavar="N", help="loss log interval in steps")
+    _flag(g, "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     _flag(g, "--config", metavar="FILE", help="YAML/TOML config; flags override it")
 
 
@@ -87,6 +101,27 @@ def add_parser(sub) -> None:
     _flag(g, "--templates", metavar="FILE", help="own templates, one per line with {} for the token")
     add_common_flags(ti)
     ti.set_defaults(handler=run, flag_map={**COMMON, **TEXTUAL_INVERSION})
+
+    db = methods.add_parser("dreambooth", help="fine-tune the UNet (or a LoRA) on a subject, with prior preservation")
+    g = db.add_argument_group("dreambooth")
+    _flag(g, "--instance-prompt", metavar="P", help="prompt of your images with a rare token: 'a photo of sks toy'")
+    _flag(g, "--class-prompt", metavar="P", help="the class without the token ('a photo of a toy'): turns on prior "
+          "preservation")
+    _flag(g, "--class-images", metavar="DIR", help="class images; missing ones are generated here "
+          "(default OUTPUT/class_images)")
+    _flag(g, "--num-class-images", type=int, metavar="N", help="class images to use (default 100)")
+    _flag(g, "--prior-loss-weight", type=float, metavar="F", help="weight of the class loss (default 1.0)")
+    _flag(g, "--class-sampling-steps", type=int, metavar="N", help="sampler steps per class image (default 25)")
+    _flag(g, "--class-guidance", type=float, metavar="F", help="guidance for class images (default 7.5)")
+    _flag(g, "--train-text-encoder", action="store_true", help="fine-tune the text encoder too (full DreamBooth)")
+    _flag(g, "--text-encoder-lr", type=float, metavar="F", help="learning rate of the text encoder (default --lr)")
+    _flag(g, "--lora", action="store_true", help="train a LoRA of the UNet attention instead of the whole UNet")
+    _flag(g, "--rank", type=int, metavar="R", help="LoRA rank (default 4)")
+    _flag(g, "--alpha", type=float, metavar="A", help="LoRA alpha (default: the rank)")
+    _flag(g, "--lora-text-encoder", action="store_true", help="a LoRA of the text encoder too")
+    _flag(g, "--save-single-file", action="store_true", help="also write OUTPUT/model.safetensors (A1111/ComfyUI)")
+    add_common_flags(db)
+    db.set_defaults(handler=run, flag_map={**COMMON, **DREAMBOOTH})
 
 
 def config_from_args(args) -> "RunConfig":  # noqa: F821
@@ -107,6 +142,11 @@ def run(args) -> None:
         from ..errors import ConceptorError
 
         raise ConceptorError("--images is required: a folder with 3-20 pictures of your concept")
+    if cfg.data.images is not None and cfg.dreambooth and cfg.dreambooth.class_images \
+            and Path(cfg.dreambooth.class_images).resolve() == Path(cfg.data.images).resolve():
+        from ..errors import ConceptorError
+
+        raise ConceptorError("--class-images must be another folder than --images (class images are generic)")
     result = api.train(cfg)
     loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
     print(f"done: {result.step} steps, last loss {loss}; outputs in {result.output}")

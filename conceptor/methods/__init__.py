@@ -9,4 +9,8 @@ def get_method(name: str):
         from .textual_inversion import TextualInversion
 
         return TextualInversion()
+    if name == "dreambooth":
+        from .dreambooth import DreamBooth
+
+        return DreamBooth()
     raise ConceptorError(f"unknown method {name!r}")

@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..data.images import list_images, load_image, read_caption, to_tensor
@@ -20,21 +19,9 @@ from ..errors import ConceptorError
 from ..formats.embeddings import Embedding, write_embedding
 from ..models.load import Components
 from ..models.tokens import add_tokens, check_new_token, expand_prompt, initializer_id, token_names
-from ..training import diffusion as D
+from .denoise import LatentSet, denoising_loss
 
 log = logging.getLogger("conceptor")
-
-
-@torch.no_grad()
-def encode_latent_stats(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE posterior for each image; sampling them later equals encoding again."""
-    means, stds = [], []
-    for i in tqdm(range(0, len(pixels), batch_size), desc="caching latents", leave=False,
-                  disable=len(pixels) <= batch_size):
-        dist = vae.encode(pixels[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    return torch.cat(means), torch.cat(stds)
 
 
 class TextualInversion:
@@ -62,16 +49,8 @@ class TextualInversion:
             self.captions.append([caption] if caption else templates)
 
         pixels = torch.stack([to_tensor(im, resolution, cfg.data.center_crop) for im in images])
-        if cfg.data.flip_p > 0:
-            pixels = torch.cat([pixels, pixels.flip(-1)])
-        mean, std = encode_latent_stats(components.vae, pixels)
-        n = len(paths)
-        self.num_items = n
-        self.latent_mean, self.latent_std = mean.view(-1, n, *mean.shape[1:]), std.view(-1, n, *std.shape[1:])
-        self.scaling = float(components.vae.config.scaling_factor)
-        self.shift = float(getattr(components.vae.config, "shift_factor", None) or 0.0)
-        self.alphas_cumprod = components.scheduler.alphas_cumprod.to(device)
-        self.num_timesteps = components.scheduler.config.num_train_timesteps
+        self.latents = LatentSet(components, pixels, flip=cfg.data.flip_p > 0)
+        n = self.num_items = len(paths)
 
         init = components.text_encoder.get_input_embeddings().weight[init_id].detach().float()
         self.embedding = add_tokens(tok, components.text_encoder, ti.token, init.repeat(ti.vectors, 1))
@@ -93,29 +72,13 @@ class TextualInversion:
         return torch.stack(rows).to(self.device)
 
     def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
-        cfg, c = self.cfg, self.c
+        cfg = self.cfg
         idx = batch_indices(micro_index, cfg.train.batch_size, self.num_items, cfg.data.repeats, cfg.train.seed)
-        b = len(idx)
-        flips = (torch.rand(b, generator=generator) < cfg.data.flip_p).long() if cfg.data.flip_p > 0 \
-            else torch.zeros(b, dtype=torch.long)
-        choice = torch.randint(0, 1 << 30, (b,), generator=generator).tolist()
+        choice = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
         prompts = [fill(self.captions[i][k % len(self.captions[i])], self.token) for i, k in zip(idx, choice)]
-        index = torch.tensor(idx)
-        mean, std = self.latent_mean[flips, index], self.latent_std[flips, index]
-        eps = torch.randn(mean.shape, generator=generator)
-        latents = ((mean + std * eps.to(mean.device)) - self.shift) * self.scaling
-
-        noise = D.offset_noise(torch.randn(latents.shape, generator=generator), cfg.train.noise_offset, generator)
-        t = D.sample_timesteps(b, self.num_timesteps, generator)
-        noise, t = noise.to(self.device), t.to(self.device)
-        noisy = D.add_noise(latents, noise, t, self.alphas_cumprod)
-        hidden = c.text_encoder(self._ids(prompts))[0]
-        pred = c.unet(noisy.to(c.unet.dtype), t, hidden.to(c.unet.dtype)).sample
-        target = D.target_for(c.prediction_type, latents, noise, t, self.alphas_cumprod)
-        weights = None
-        if cfg.train.snr_gamma:
-            weights = D.min_snr_weight(D.snr(t, self.alphas_cumprod), cfg.train.snr_gamma, c.prediction_type)
-        return D.diffusion_loss(pred, target, weights)
+        latents = self.latents.sample(idx, cfg.data.flip_p, generator).to(self.device)
+        hidden = self.c.text_encoder(self._ids(prompts))[0]
+        return denoising_loss(self.c, latents, hidden, cfg.train, generator).mean()
 
     # -- state and files -------------------------------------------------------------------------
     def vectors(self) -> torch.Tensor:

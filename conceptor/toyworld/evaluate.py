@@ -100,6 +100,35 @@ def evaluate_model(folder: str | Path, n_per_prompt: int = 8, seed: int = 0, *, 
     return table
 
 
+@torch.no_grad()
+def evaluate_vae(vae_folder: str | Path, n: int = 200, seed: int = 7, evaluator=None) -> dict:
+    """Evaluator accuracy on VAE reconstructions of fresh renders: the ceiling any UNet on this VAE can reach.
+
+    Worth checking before a long UNet run: colours the autoencoder cannot round-trip, no prompt will draw.
+    """
+    from collections import Counter
+
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from .evaluator import load_evaluator
+    from .pretrain import render_batch
+
+    evaluator = evaluator or load_evaluator()
+    rng = random.Random(seed)
+    specs = [W.random_spec(rng, shapes=W.SHAPES, exclude=frozenset()) for _ in range(n)]
+    vae = AutoencoderKL.from_pretrained(str(vae_folder)).eval()
+    x = render_batch(specs)
+    recon = torch.cat([vae.decode(vae.encode(x[i:i + 100]).latent_dist.mean).sample for i in range(0, n, 100)])
+    arr = ((recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    pred = evaluator.predict([Image.fromarray(a) for a in arr])
+    out = {k: round(float(np.mean([p == getattr(s, k) for p, s in zip(getattr(pred, k), specs)])), 4) for k in KEYS}
+    out["mae"] = round(float((recon - x).abs().mean()), 4)
+    out["color_confusions"] = dict(Counter(f"{s.color}->{c}" for s, c in zip(specs, pred.color) if s.color != c))
+    return out
+
+
 def _save_grid(rows: list[list], path: str | Path) -> None:
     from PIL import Image
 
@@ -131,8 +160,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--vae-only", action="store_true", help="score VAE reconstructions of FOLDER (a vae folder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.vae_only:
+        print(json.dumps(evaluate_vae(args.folder), indent=2))
+        return
     table = evaluate_model(args.folder, args.n_per_prompt, args.seed, steps=args.steps, guidance=args.guidance,
                            vae=args.vae, grid=args.grid)
     if args.json:

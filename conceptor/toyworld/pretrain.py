@@ -3,8 +3,15 @@
     python -m conceptor.toyworld.pretrain OUT [--vae-steps N] [--unet-steps N] [--threads N]
 
 Writes a diffusers StableDiffusionPipeline folder (same classes and layout as SD 1.5) and recipe.json.
-Intermediate folders are written atomically every ``--save-every`` UNet steps so a long run always
-leaves something usable.
+Intermediate folders are written atomically every ``--save-every`` UNet steps (or ``--save-every-min``
+minutes) so a long run always leaves something usable. Stages can run apart: ``--unet-steps 0`` trains
+only the VAE (``--vae-init`` continues an earlier one), ``--vae-from DIR/vae`` trains the UNet on it.
+
+    # the run measured in issue 3 (1 thread): VAE continued with a cosine decay, then the UNet on it
+    python -m conceptor.toyworld.pretrain RUN/vae_run --unet-steps 0 --vae-init OLD/vae --vae-schedule cosine \
+        --vae-steps 2800 --threads 1
+    python -m conceptor.toyworld.pretrain RUN/model --vae-from RUN/vae_run/vae --unet-steps 7000 --threads 1 \
+        --deadline-min 90 --save-every-min 15
 """
 from __future__ import annotations
 
@@ -20,13 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..fileio import atomic_dir, write_text
+from ..fileio import atomic_dir
 from . import world as W
 
 # The recipe of the bundled model. Keys added later default to "off" in pretrain(), so every recipe.json
 # written before them still reproduces its model.
 RECIPE = {"seed": 0, "images": 20000, "vae_steps": 2500, "vae_batch": 16, "vae_lr": 1e-3, "kl_weight": 1e-6,
-          "vae_from": "", "decoder_steps": 0,
+          "vae_from": "", "vae_init": "", "vae_schedule": "constant", "decoder_steps": 0,
           "unet_steps": 5000, "unet_batch": 32, "unet_lr": 4e-4, "warmup_steps": 200, "lr_schedule": "cosine",
           "lr_floor": 0.1, "snr_gamma": 5.0, "ema": 0.999, "fresh_captions": 1, "caption_dropout": 0.1}
 
@@ -118,10 +125,14 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
     return snr.clamp(max=gamma) / snr
 
 
-def train_vae(vae, pixels: torch.Tensor, recipe: dict, g: torch.Generator, say) -> None:
+def train_vae(vae, pixels: torch.Tensor, recipe: dict, g: torch.Generator, say, save=None) -> None:
     """Reconstruction + a tiny KL, as SD's autoencoder (without its GAN/perceptual terms)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe["vae_lr"])
-    for step in range(recipe["vae_steps"]):
+    steps = recipe["vae_steps"]
+    for step in range(steps):
+        if recipe.get("vae_schedule") == "cosine":  # the decay is where flat colours come out exact
+            for group in opt.param_groups:
+                group["lr"] = recipe["vae_lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(0, len(pixels), (recipe["vae_batch"],), generator=g)
         x = pixels[idx]
         dist = vae.encode(x).latent_dist
@@ -133,6 +144,8 @@ def train_vae(vae, pixels: torch.Tensor, recipe: dict, g: torch.Generator, say) 
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
             say(f"vae {step} loss {loss.item():.5f}")
+        if save is not None and step and step % 500 == 0:
+            save(step)
 
 
 def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, deadline_min: float = 0,
@@ -167,6 +180,13 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
     captions = [c for _, c in data]
 
     g = torch.Generator().manual_seed(recipe["seed"])
+
+    def save_vae(step):
+        with atomic_dir(out) as tmp:
+            vae.save_pretrained(tmp / "vae")
+            (tmp / "recipe.json").write_text(json.dumps({**recipe, "vae_steps_done": step}, indent=2))
+        say(f"saved vae at step {step}")
+
     if recipe.get("vae_from"):
         # A VAE trained earlier by this same function (its recipe.json says how): the UNet recipe can be
         # iterated without paying for the autoencoder again.
@@ -176,7 +196,12 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
             recipe = {**recipe, "vae_recipe": json.loads(src.read_text())}
         say(f"vae loaded from {recipe['vae_from']}")
     else:
-        train_vae(vae, pixels, recipe, g, say)
+        if recipe.get("vae_init"):  # continue an earlier VAE run (its recipe is kept) instead of from scratch
+            vae = AutoencoderKL.from_pretrained(recipe["vae_init"])
+            src = Path(recipe["vae_init"]).parent / "recipe.json"
+            if src.is_file():
+                recipe = {**recipe, "vae_init_recipe": json.loads(src.read_text())}
+        train_vae(vae, pixels, recipe, g, say, save_vae if not recipe["unet_steps"] else None)
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # the posterior of every image, computed once: the UNet trains on samples of it
         stats = [vae.encode(pixels[i:i + 500]).latent_dist for i in range(0, len(pixels), 500)]
@@ -188,6 +213,10 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
     if recipe.get("decoder_steps", 0):
         # Sharper colours for free: the encoder (hence the latent space) stays fixed.
         finetune_decoder(vae, recipe["decoder_steps"], say=say)
+    if not recipe["unet_steps"]:  # a VAE-only run: the UNet recipe is iterated on top of it (vae_from)
+        save_vae(recipe["vae_steps"])
+        say("done")
+        return
 
     # UNet + text encoder from scratch, on cached latents, with caption dropout for guidance.
     cache: dict[str, torch.Tensor] = {}

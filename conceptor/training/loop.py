@@ -96,10 +96,13 @@ def validate_images(components: Components, method: Method, cfg: RunConfig, outp
     if not prompts:
         return None
     n = cfg.train.validation_images
-    was_training = components.text_encoder.training
+    modes = [(m, m.training) for m in (components.text_encoder, components.unet)]
+    for m, _ in modes:
+        m.eval()
     images = sample(components, [p for p in prompts for _ in range(n)], [s for _ in prompts for s in range(n)],
                     steps=cfg.train.validation_sampling_steps)
-    components.text_encoder.train(was_training)
+    for m, was_training in modes:
+        m.train(was_training)
     path = output / "samples" / f"step-{step:06d}.png"
     with atomic_path(path) as tmp:
         make_grid(images, n).save(tmp, format="PNG")
@@ -115,21 +118,21 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
         # accelerate has no fp16 autocast on the CPU, so half weights would meet fp32 activations.
         raise ConceptorError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     weight_dtype = DTYPES[t.mixed_precision]
+    if cfg.optim.use_8bit_adam:  # before any model work: a missing dependency should cost nothing
+        make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1, device=device))], "lr": 1.0}], cfg, device)
     components.frozen()
     for module in (components.text_encoder, components.vae, components.unet):
         module.to(device, dtype=weight_dtype)  # frozen weights in low precision; trainables stay fp32
 
-    params = method.setup(components, cfg, device)
+    groups = _param_groups(method.setup(components, cfg, device), cfg, accelerator.num_processes)
+    params = [p for g in groups for p in g["params"]]
     output = make_output(cfg, action)
     if any(p.dtype != torch.float32 for p in params):
         raise RuntimeError("trainable parameters must be fp32 (fp16 master weights break the grad scaler)")
-    lr = cfg.optim.lr
-    if cfg.optim.scale_lr:
-        lr *= t.batch_size * t.grad_accum * accelerator.num_processes
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_epsilon)
+    optimizer = make_optimizer(groups, cfg, device)
     scheduler = _lr_scheduler(optimizer, cfg)
     optimizer = accelerator.prepare(optimizer)
+    ema = _make_ema(params, t, device)
 
     start = 0
     resume_from = ckpt.resolve_resume(output, t.resume) if t.resume else None
@@ -137,10 +140,14 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
         log.warning("--resume %s: no checkpoint in %s/checkpoints yet; starting from step 0", t.resume, output)
     if resume_from is not None:
         trained, opt_state, state = ckpt.load_checkpoint(resume_from)
-        method.load_state_dict(trained)
+        if ema is not None:
+            _load_ema(ema, trained)
+        method.load_state_dict({k: v for k, v in trained.items() if not k.startswith(EMA_PREFIX)})
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["lr_scheduler"])
         start = int(state["step"])
+        if ema is not None:
+            ema.optimization_step = start  # the decay warm-up continues where it was
         if state.get("grad_accum", t.grad_accum) != t.grad_accum or state.get("batch_size", t.batch_size) != t.batch_size:
             log.warning("resuming with a different --batch-size/--grad-accum than the checkpoint; the data "
                         "order from here on differs from an uninterrupted run")
@@ -174,6 +181,8 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            _ema_step(ema, params, t.offload_ema, device)
 
         if step % t.log_every == 0 or step == t.steps:
             last_loss = (window / window_n).item()  # the only host sync of the hot loop
@@ -192,7 +201,10 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
         is_last = step == t.steps
         if accelerator.is_main_process and ((t.checkpoint_every and step % t.checkpoint_every == 0) or is_last):
             method.save(output, step, final=False)
-            ckpt.save_checkpoint(output, step, method.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
+            trained = method.state_dict()
+            if ema is not None:
+                trained.update({f"{EMA_PREFIX}{i}": s for i, s in enumerate(ema.shadow_params)})
+            ckpt.save_checkpoint(output, step, trained, optimizer.state_dict(), scheduler.state_dict(),
                                  {"grad_accum": t.grad_accum, "batch_size": t.batch_size,
                                   "micro_batches_done": step * t.grad_accum, "seed": t.seed},
                                  t.checkpoints_limit)
@@ -203,11 +215,71 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
 
     files: list[Path] = []
     if accelerator.is_main_process:
-        files = method.save(output, t.steps, final=True)
+        if ema is not None:
+            # The average is the output; the raw last weights go to OUTPUT/raw for comparison.
+            files = method.save(output / "raw", t.steps, final=True)
+            ema.store(params)
+            ema.copy_to(params)
+            files += method.save(output, t.steps, final=True)
+        else:
+            files = method.save(output, t.steps, final=True)
         validate_images(components, method, cfg, output, t.steps)
         plot_loss(read_metrics(metrics_path), output / "loss.png")
     accelerator.wait_for_everyone()
     return TrainResult(output=output, step=t.steps, last_loss=last_loss, files=files)
+
+
+def _param_groups(setup_result: list, cfg: RunConfig, processes: int) -> list[dict]:
+    """A method returns parameters or param groups (a group may carry its own lr); --scale-lr scales all."""
+    groups = setup_result if setup_result and isinstance(setup_result[0], dict) else [{"params": setup_result}]
+    scale = cfg.train.batch_size * cfg.train.grad_accum * processes if cfg.optim.scale_lr else 1
+    return [{**g, "params": list(g["params"]), "lr": g.get("lr", cfg.optim.lr) * scale} for g in groups]
+
+
+def make_optimizer(groups: list[dict], cfg: RunConfig, device: torch.device):
+    o = cfg.optim
+    kwargs = dict(betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon)
+    if o.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConceptorError("--use-8bit-adam needs bitsandbytes and a CUDA GPU: pip install bitsandbytes") from None
+        if device.type != "cuda":
+            raise ConceptorError("--use-8bit-adam needs a CUDA GPU; drop it on the CPU")
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    # One fused kernel for all parameters on a GPU instead of a loop of small ones.
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+
+
+EMA_PREFIX = "__ema__."
+
+
+def _make_ema(params: list[torch.nn.Parameter], t, device: torch.device):
+    if not t.ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(params, decay=t.ema_decay, foreach=True)
+    if t.offload_ema:
+        ema.to(device="cpu")
+    return ema
+
+
+def _ema_step(ema, params, offload: bool, device: torch.device) -> None:
+    if offload:  # the average lives in host memory; it visits the GPU only for its update
+        ema.to(device=device, non_blocking=True)
+    ema.step(params)
+    if offload:
+        ema.to(device="cpu", non_blocking=True)
+
+
+def _load_ema(ema, trained: dict[str, torch.Tensor]) -> None:
+    shadows = [trained.get(f"{EMA_PREFIX}{i}") for i in range(len(ema.shadow_params))]
+    if any(s is None for s in shadows):
+        log.warning("checkpoint has no EMA weights; the average restarts from the current weights")
+        return
+    for dst, src in zip(ema.shadow_params, shadows):
+        dst.data.copy_(src.to(dst.device))
 
 
 def _prune_snapshots(output: Path, limit: int | None) -> None:

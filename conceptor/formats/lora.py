@@ -1,0 +1,179 @@
+"""LoRA files: the diffusers/PEFT layout and the kohya layout (A1111, ComfyUI), read, written, applied.
+
+In memory a LoRA is ``{"unet.<module>" | "text_encoder.<module>": (down [r, in], up [out, r])}`` with the
+scale alpha/r already folded into ``up``: the update of a Linear weight is then exactly ``up @ down``,
+every file we write means the same thing in every loader, and no alpha metadata can get lost.
+
+    diffusers: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight / lora_B.weight
+    kohya:     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
+               / .lora_up.weight / .alpha (scalar); text encoder as lora_te_text_model_encoder_layers_0_...
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import ConceptorError
+from ..fileio import atomic_path
+from .safe_load import load_tensors
+
+LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
+FORMATS = ("diffusers", "kohya")
+PREFIXES = ("unet", "text_encoder")
+
+# Multi-word names in SD's UNet and CLIP module paths; kohya joins every level with "_", so these are
+# glued back together after splitting on "_" (the same table diffusers keeps for its converter).
+_COMPOUNDS = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+              "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "text_model",
+              "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm", "layer_norm1",
+              "layer_norm2", "time_embedding", "linear_1", "linear_2", "add_embedding")
+
+
+def _module_of(name: str) -> str:
+    """Canonical text-encoder paths drop ``text_model.`` (transformers 5 has no such level; 4 has)."""
+    return name[len("text_model."):] if name.startswith("text_model.") else name
+
+
+def _kohya_to_dotted(name: str) -> str:
+    dotted = name.replace("_", ".")
+    for compound in sorted(_COMPOUNDS, key=len, reverse=True):
+        dotted = dotted.replace(compound.replace("_", "."), compound)
+    return dotted
+
+
+def read_lora(path: str | Path) -> LoraWeights:
+    """Read a diffusers/PEFT or kohya LoRA file (safetensors; pickles only as plain tensors)."""
+    data, _ = load_tensors(path)
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ConceptorError(f"{path} holds no tensors; is it a LoRA file?")
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in tensors):
+        return _from_kohya(tensors, path)
+    return _from_diffusers(tensors, path)
+
+
+def _from_kohya(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
+    out: LoraWeights = {}
+    for key in tensors:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        base = key[: -len(".lora_down.weight")]
+        up = tensors.get(base + ".lora_up.weight")
+        if up is None:
+            raise ConceptorError(f"{path}: {base} has lora_down but no lora_up; the file is incomplete")
+        down = tensors[key].float()
+        if base.startswith("lora_unet_"):
+            name = "unet." + _kohya_to_dotted(base[len("lora_unet_"):])
+        elif base.startswith(("lora_te_", "lora_te1_")):
+            name = "text_encoder." + _module_of(_kohya_to_dotted(base.split("_", 2)[2]))
+        else:
+            continue
+        out[name] = _fold(down, up.float(), tensors.get(base + ".alpha"))
+    if not out:
+        raise ConceptorError(f"{path} has kohya-style keys but no lora_down/lora_up pairs")
+    return out
+
+
+_DIFFUSERS_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
+                    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
+
+
+def _from_diffusers(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
+    out: LoraWeights = {}
+    for key in tensors:
+        for down_suffix, up_suffix in _DIFFUSERS_PAIRS:
+            if key.endswith(down_suffix):
+                base = key[: -len(down_suffix)]
+                up = tensors.get(base + up_suffix)
+                if up is None:
+                    raise ConceptorError(f"{path}: {base} has a down but no up matrix; the file is incomplete")
+                prefix, _, module = base.partition(".")
+                if prefix not in PREFIXES:  # bare PEFT keys of a UNet adapter
+                    prefix, module = "unet", base
+                if prefix == "text_encoder":
+                    module = _module_of(module)
+                alpha = tensors.get(base + ".alpha")
+                out[f"{prefix}.{module}"] = _fold(tensors[key].float(), up.float(), alpha)
+    if not out:
+        raise ConceptorError(f"{path} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys); "
+                             "is it a full checkpoint or an embedding?")
+    return out
+
+
+def _fold(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise ConceptorError(f"LoRA matrices of shapes {tuple(up.shape)} x {tuple(down.shape)} do not chain; "
+                             "only Linear-layer LoRAs are supported")
+    if alpha is not None:
+        up = up * (float(alpha) / down.shape[0])
+    return down.contiguous(), up.contiguous()
+
+
+def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Path:
+    """Write atomically in ``to`` layout; the diffusers one is what ``pipe.load_lora_weights`` expects."""
+    if to not in FORMATS:
+        raise ConceptorError(f"unknown LoRA format {to!r}; choose one of {', '.join(FORMATS)}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (down, up) in lora.items():
+        prefix, _, module = name.partition(".")
+        if to == "diffusers":
+            tensors[f"{name}.lora_A.weight"] = down
+            tensors[f"{name}.lora_B.weight"] = up
+        else:
+            if prefix == "text_encoder":
+                module = "text_model." + module  # the layout A1111/kohya name text-encoder modules by
+            base = ("lora_unet_" if prefix == "unet" else "lora_te_") + module.replace(".", "_")
+            tensors[f"{base}.lora_down.weight"] = down
+            tensors[f"{base}.lora_up.weight"] = up
+            tensors[f"{base}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale already folded
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    return path
+
+
+def convert_lora(src: str | Path, dst: str | Path, to: str) -> Path:
+    return write_lora(read_lora(src), dst, to)
+
+
+def lora_from_peft(module: torch.nn.Module, prefix: str) -> LoraWeights:
+    """The trained LoRA of a PEFT-injected module, scale folded, as fp32 CPU tensors."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(module)
+    scales = {name: layer.scaling["default"] for name, layer in module.named_modules()
+              if hasattr(layer, "scaling") and "default" in getattr(layer, "scaling", {})}
+    out: LoraWeights = {}
+    for key, down in sd.items():
+        if key.endswith(".lora_A.weight"):
+            base = key[: -len(".lora_A.weight")]
+            up = sd[base + ".lora_B.weight"].float() * scales.get(base, 1.0)
+            out[f"{prefix}.{_module_of(base)}"] = (down.detach().float().cpu(), up.detach().cpu())
+    return out
+
+
+@torch.no_grad()
+def apply_lora(lora: LoraWeights, unet: torch.nn.Module, text_encoder: torch.nn.Module, scale: float = 1.0) -> int:
+    """Merge ``scale * up @ down`` into the Linear weights it names; returns how many layers changed.
+
+    Merged weights cost nothing at sampling time, and several LoRAs simply add up.
+    """
+    modules = {"unet": dict(unet.named_modules()), "text_encoder": {}}
+    for name, m in text_encoder.named_modules():
+        modules["text_encoder"][_module_of(name)] = m
+    missing = []
+    for name, (down, up) in lora.items():
+        prefix, _, path = name.partition(".")
+        layer = modules.get(prefix, {}).get(path)
+        if layer is None or not hasattr(layer, "weight") or layer.weight.shape != (up.shape[0], down.shape[1]):
+            missing.append(name)
+            continue
+        delta = (up.to(layer.weight.device, torch.float32) @ down.to(layer.weight.device, torch.float32)) * scale
+        layer.weight += delta.to(layer.weight.dtype)
+    if missing:
+        raise ConceptorError(f"LoRA does not fit this model: {len(missing)} of {len(lora)} layers missing or of "
+                             f"another shape (first: {missing[0]}); was it trained for another model family?")
+    return len(lora)

@@ -1,0 +1,66 @@
+"""What every method shares: cached VAE posteriors and the denoising loss on a batch of latents.
+
+Caching the posterior (mean, std) of each image once and sampling it every step is exact: it is what
+encoding the image again would give, without running the VAE encoder in the training loop.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..models.load import Components
+from ..training import diffusion as D
+
+
+@torch.no_grad()
+def encode_latent_stats(vae, pixels: torch.Tensor, batch_size: int = 8, desc: str = "caching latents"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for each image (fp32, on the VAE's device)."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(pixels), batch_size), desc=desc, leave=False, disable=len(pixels) <= batch_size):
+        dist = vae.encode(pixels[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+class LatentSet:
+    """Posteriors of ``n`` images, and of their mirror images when flips are on."""
+
+    def __init__(self, components: Components, pixels: torch.Tensor, flip: bool, desc: str = "caching latents"):
+        self.n = len(pixels)
+        if flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        mean, std = encode_latent_stats(components.vae, pixels, desc=desc)
+        self.mean = mean.view(-1, self.n, *mean.shape[1:])  # [1 or 2 (flipped), n, C, h, w]
+        self.std = std.view(-1, self.n, *std.shape[1:])
+        self.scaling = float(components.vae.config.scaling_factor)
+        self.shift = float(getattr(components.vae.config, "shift_factor", None) or 0.0)
+
+    def sample(self, index: list[int], flip_p: float, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents of images ``index``, each flipped with probability ``flip_p``."""
+        b = len(index)
+        flips = (torch.rand(b, generator=generator) < flip_p).long() if flip_p > 0 and len(self.mean) > 1 \
+            else torch.zeros(b, dtype=torch.long)
+        idx = torch.tensor(index)
+        mean, std = self.mean[flips, idx], self.std[flips, idx]
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return ((mean + std * eps) - self.shift) * self.scaling
+
+
+def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.Tensor, train: TrainConfig,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Per-sample diffusion loss (noise, timestep, UNet prediction, min-SNR weight) of a batch, fp32."""
+    c = components
+    acp = c.scheduler.alphas_cumprod.to(latents.device)
+    noise = D.offset_noise(torch.randn(latents.shape, generator=generator), train.noise_offset, generator)
+    t = D.sample_timesteps(len(latents), c.scheduler.config.num_train_timesteps, generator)
+    noise, t = noise.to(latents.device), t.to(latents.device)
+    noisy = D.add_noise(latents, noise, t, acp)
+    pred = c.unet(noisy.to(c.unet.dtype), t, hidden.to(c.unet.dtype)).sample
+    target = D.target_for(c.prediction_type, latents, noise, t, acp)
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if train.snr_gamma:
+        per_sample = per_sample * D.min_snr_weight(D.snr(t, acp), train.snr_gamma, c.prediction_type)
+    return per_sample
