@@ -181,3 +181,19 @@ def test_bad_lora_inputs(tiny_sd1, tmp_path, cli):
 def test_convert_lora_cli_errors(tmp_path, cli, to):
     code, _, err = cli("convert", "lora", tmp_path / "nope.safetensors", tmp_path / "o.safetensors", "--to", to)
     assert code == 2 and err.startswith("error:") or "invalid choice" in err
+
+
+def test_eval_measures_dreambooth_runs(tiny_sd1, concept_images, tmp_path, cli):
+    from conceptor.eval.run import subject_of
+
+    assert subject_of("a photo of a sks toy") == "sks toy" and subject_of("sks dog") == "sks dog"
+    api.train(db_config(tiny_sd1, concept_images, tmp_path / "run", {"lora": True, "rank": 2,
+                                                                      "class_prompt": "a photo of a toy",
+                                                                      "num_class_images": 1,
+                                                                      "class_sampling_steps": 1}))
+    code, out, err = cli("eval", tmp_path / "run", "--num-images", "4", "--steps", "2")
+    assert code == 0, err
+    scores = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert scores["method"] == "dreambooth" and scores["subject"] == "sks toy"
+    assert 0 <= scores["class_prior_retention"] <= 1 and 0 <= scores["fidelity"] <= 1
+    assert (tmp_path / "run" / "eval-class.png").is_file()

@@ -59,6 +59,17 @@ def evaluate(model, evaluator, subject: str, reference: list[Image.Image], *, n:
     return scores, {"photos": photos, "edits": edits}
 
 
+def prior_retention(model, evaluator, class_prompt: str, subject_shape: str, *, n: int = 16, seed: int = 0,
+                    steps: int = 25, guidance: float = 7.5) -> tuple[float, list[Image.Image]]:
+    """Fraction of class-prompt images that are not the subject: DreamBooth's language drift, measured.
+
+    A model that has drifted draws the subject for the bare class prompt; one that kept its prior does not.
+    """
+    images = model.generate(class_prompt, num_images=n, seed=seed + 77_000, steps=steps, guidance=guidance)
+    shapes = evaluator.predict(images).shape
+    return round(sum(s != subject_shape for s in shapes) / n, 4), images
+
+
 def has_toyworld_evaluator() -> bool:
     from ..toyworld.evaluator import FOLDER
 
