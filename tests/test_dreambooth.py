@@ -121,6 +121,7 @@ def test_full_dreambooth_with_prior_preservation(tiny_sd1, concept_images, tmp_p
     assert any(not torch.equal(a, b) for a, b in zip(raw.unet.parameters(), pipe.unet.parameters()))
     assert json.loads((result.output / "scheduler" / "scheduler_config.json").read_text()) == \
         json.loads((tiny_sd1 / "scheduler" / "scheduler_config.json").read_text())
+    assert (result.output / "model.yaml").is_file()  # the LDM config A1111 reads beside the checkpoint
     single = load_components(str(result.output / "model.safetensors"), model_config=str(tiny_sd1))
     for a, b in zip(single.unet.parameters(), pipe.unet.parameters()):
         assert torch.equal(a, b)

@@ -138,3 +138,26 @@ def test_sd2_23_layer_encoder_gets_identity_24th_block():
     ids = torch.tensor([[1, 5, 7, 3, 2]])
     with torch.no_grad():
         assert torch.allclose(te23(ids).last_hidden_state, te24(ids).last_hidden_state, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,prediction", [("sd1", "epsilon"), ("sd2", "v_prediction")])
+def test_sidecar_yaml_says_what_the_ldm_layout_cannot(request, family, prediction, tmp_path):
+    import yaml
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from conceptor.formats.ldm_checkpoint import save_single_file_with_yaml
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(request.getfixturevalue(f"tiny_{family}")), safety_checker=None)
+    ckpt, side = save_single_file_with_yaml(pipe.unet, pipe.vae, pipe.text_encoder, tmp_path / "m.safetensors",
+                                            family, prediction, pipe.scheduler.config)
+    assert side == tmp_path / "m.yaml"
+    params = yaml.safe_load(side.read_text())["model"]["params"]
+    assert params.get("parameterization", "eps") == ("v" if prediction == "v_prediction" else "eps")
+    unet = params["unet_config"]["params"]
+    assert unet["model_channels"] == pipe.unet.config.block_out_channels[0]
+    assert unet["context_dim"] == pipe.unet.config.cross_attention_dim
+    assert params["scale_factor"] == pytest.approx(pipe.vae.config.scaling_factor)
+    assert ("OpenCLIP" in params["cond_stage_config"]["target"]) == (family == "sd2")
+    with safe_open(str(ckpt), "pt") as f:
+        assert f.metadata()["prediction_type"] == prediction

@@ -179,7 +179,7 @@ def _state_dict(part) -> Tensors:
 
 
 def save_single_file(unet, vae, text_encoder, path: str | Path, family: str,
-                     dtype: torch.dtype | None = None) -> Path:
+                     dtype: torch.dtype | None = None, prediction_type: str = "epsilon") -> Path:
     """Write modules (or their state dicts) as one LDM ``.safetensors``, atomically; returns the path.
 
     ``dtype`` casts floating-point tensors (e.g. torch.float16 halves the file). Metadata records
@@ -193,5 +193,70 @@ def save_single_file(unet, vae, text_encoder, path: str | Path, family: str,
           for k, v in sd.items()}
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "ldm", "family": family})
+        save_file(sd, str(tmp), metadata={"format": "ldm", "family": family, "prediction_type": prediction_type})
     return path
+
+
+def ldm_yaml(unet_config: Mapping, vae_config: Mapping, family: str, prediction_type: str,
+             scheduler_config: Mapping) -> str:
+    """The original-repo inference config for a checkpoint (v1-inference.yaml / v2-inference-v.yaml shape).
+
+    A1111 reads ``NAME.yaml`` beside ``NAME.safetensors``, and it is the only place the LDM layout can say
+    "v-prediction": without it an SD2-768 style model samples as epsilon and gives grey noise. Built from
+    the model's own configs, so tiny and custom widths are described correctly too.
+    """
+    import yaml
+
+    ch = list(unet_config["block_out_channels"])
+    base = ch[0]
+    down = list(unet_config["down_block_types"])
+    # Attention at the resolutions whose down block has cross-attention (1 = full size, 2 = /2, ...).
+    attn = [2 ** i for i, kind in enumerate(down) if "CrossAttn" in kind]
+    heads = unet_config.get("attention_head_dim") or 8
+    unet = {"image_size": int(unet_config.get("sample_size", 64)), "in_channels": unet_config["in_channels"],
+            "out_channels": unet_config["out_channels"], "model_channels": base,
+            "attention_resolutions": attn, "num_res_blocks": int(unet_config["layers_per_block"]),
+            "channel_mult": [c // base for c in ch], "transformer_depth": 1,
+            "context_dim": unet_config["cross_attention_dim"], "use_checkpoint": False, "legacy": False}
+    if family == "sd2":
+        unet.update(num_head_channels=int(heads if isinstance(heads, int) else heads[0]),
+                    use_linear_in_transformer=bool(unet_config.get("use_linear_projection", True)))
+        cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                "params": {"freeze": True, "layer": "penultimate"}}
+    else:
+        unet["num_heads"] = int(heads if isinstance(heads, int) else heads[0])
+        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    vch = list(vae_config["block_out_channels"])
+    vae = {"embed_dim": vae_config["latent_channels"], "monitor": "val/rec_loss",
+           "ddconfig": {"double_z": True, "z_channels": vae_config["latent_channels"],
+                        "resolution": int(vae_config.get("sample_size", 256)), "in_channels": vae_config["in_channels"],
+                        "out_ch": vae_config["out_channels"], "ch": vch[0], "ch_mult": [c // vch[0] for c in vch],
+                        "num_res_blocks": int(vae_config["layers_per_block"]), "attn_resolutions": [],
+                        "dropout": 0.0},
+           "lossconfig": {"target": "torch.nn.Identity"}}
+    params = {"linear_start": float(scheduler_config.get("beta_start", 0.00085)),
+              "linear_end": float(scheduler_config.get("beta_end", 0.012)),
+              "num_timesteps_cond": 1, "log_every_t": 200,
+              "timesteps": int(scheduler_config.get("num_train_timesteps", 1000)),
+              "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": unet["image_size"],
+              "channels": unet["in_channels"], "cond_stage_trainable": False, "conditioning_key": "crossattn",
+              "monitor": "val/loss_simple_ema", "scale_factor": float(vae_config.get("scaling_factor", 0.18215)),
+              "use_ema": False,
+              "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+              "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae},
+              "cond_stage_config": cond}
+    if prediction_type == "v_prediction":
+        params = {"parameterization": "v", **params}
+    return yaml.safe_dump({"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                                     "params": params}}, sort_keys=False)
+
+
+def save_single_file_with_yaml(unet, vae, text_encoder, path: str | Path, family: str, prediction_type: str,
+                               scheduler_config: Mapping, dtype: torch.dtype | None = None) -> list[Path]:
+    """``save_single_file`` plus ``NAME.yaml`` beside it (see ldm_yaml); returns both paths."""
+    from ..fileio import write_text
+
+    path = save_single_file(unet, vae, text_encoder, path, family, dtype, prediction_type=prediction_type)
+    side = path.with_suffix(".yaml")
+    write_text(side, ldm_yaml(unet.config, vae.config, family, prediction_type, scheduler_config))
+    return [path, side]

@@ -235,11 +235,10 @@ class DreamBooth:
         staged.rmdir()
         written.append(folder / "model_index.json")
         if self.db.save_single_file:
-            from ..formats.ldm_checkpoint import save_single_file
+            from ..formats.ldm_checkpoint import save_single_file_with_yaml
 
-            path = folder / "model.safetensors"
-            save_single_file(c.unet, vae, te, path, c.family)
-            written.append(path)
+            written += save_single_file_with_yaml(c.unet, vae, te, folder / "model.safetensors", c.family,
+                                                  c.prediction_type, c.scheduler_config)
         return written
 
     def prompt(self, text: str) -> str:
