@@ -1,0 +1,149 @@
+"""Step time, samples/s and peak memory of each training method, through the real `conceptor.train`.
+
+    python benchmarks/speed.py [--size sd15|bundled|tiny] [--variants ti,db-full,db-8bit-ckpt,lora]
+                               [--batch-size 1] [--steps 20] [--warmup 5] [--mixed-precision bf16]
+
+`sd15` builds a full-size SD 1.5-architecture model from its config with random weights (speed and memory
+do not depend on weight values; nothing is downloaded) at 512 px: a GPU job. `bundled` is the toy-world
+model on the CPU. Each variant runs in its own subprocess, so peak memory (torch.cuda.max_memory_allocated
+on a GPU, peak RSS on the CPU) is its own. Warm-up steps are excluded from the step time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VARIANTS = {  # name -> (method, method section, extra train/optim settings)
+    "ti": ("textual-inversion", {"token": "<c>", "init_token": "toy"}, {}),
+    "db-full": ("dreambooth", {"instance_prompt": "a photo of sks toy"}, {}),
+    "db-8bit-ckpt": ("dreambooth", {"instance_prompt": "a photo of sks toy"},
+                     {"gradient_checkpointing": True, "use_8bit_adam": True}),
+    "db-prior": ("dreambooth", {"instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy",
+                                "num_class_images": 4, "class_sampling_steps": 2}, {}),
+    "lora": ("dreambooth", {"instance_prompt": "a photo of sks toy", "lora": True, "rank": 4}, {}),
+}
+
+
+def sd15_components(device: str):
+    """SD 1.5's architecture (UNet 860M, CLIP ViT-L/14 text encoder, f=8 VAE) from configs, random weights."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from conceptor.models.load import _assemble
+    from conceptor.models.tiny import write_clip_tokenizer
+    from transformers import CLIPTokenizer
+
+    tok_dir = Path(tempfile.mkdtemp()) / "tokenizer"
+    write_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    with torch.device(device):
+        te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                          num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                          hidden_act="quick_gelu", projection_dim=768))
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    scheduler = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                 "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "prediction_type": "epsilon"}
+    return _assemble(tokenizer, te, vae, unet, scheduler, "sd15-architecture (random weights)")
+
+
+def images(folder: Path, size: int, n: int = 4) -> str:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (size, size), (40, 70, 200))
+        ImageDraw.Draw(im).ellipse([size // 6 + i, size // 5, 5 * size // 6, 4 * size // 5 - i], fill=(245, 205, 30))
+        im.save(folder / f"{i}.png")
+    return str(folder)
+
+
+def child(variant: str, size: str, batch: int, steps: int, warmup: int, precision: str) -> dict:
+    import torch
+
+    from conceptor import api
+    from conceptor.config import build_config
+    from conceptor.models.load import load_components
+
+    cuda = torch.cuda.is_available()
+    work = Path(tempfile.mkdtemp())
+    if size == "sd15":
+        components, resolution = sd15_components("cuda" if cuda else "cpu"), 512
+    elif size == "bundled":
+        components, resolution = load_components(str(api.bundled_model_path())), 64
+    else:
+        from conceptor.models.tiny import build_tiny_pipeline_folder
+
+        components, resolution = load_components(str(build_tiny_pipeline_folder(work / "m", "sd1"))), 32
+    method, section, extra = VARIANTS[variant]
+    optim = {"use_8bit_adam": extra.pop("use_8bit_adam", False)}
+    key = "textual_inversion" if method == "textual-inversion" else "dreambooth"
+    cfg = build_config(method, None, {
+        "data": {"images": images(work / "img", resolution), "resolution": resolution}, "optim": optim,
+        "train": {"output": str(work / "run"), "steps": steps + warmup, "batch_size": batch, "log_every": 1,
+                  "checkpoint_every": 0, "mixed_precision": precision, **extra},
+        key: section})
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    api.train(cfg, components)
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in rows]
+    times = [b - a for a, b in zip(elapsed[warmup - 1:], elapsed[warmup:])]
+    step = sum(times) / len(times)
+    samples = batch * (2 if "class_prompt" in section else 1)
+    return {"variant": variant, "step_ms": 1000 * step, "samples_per_s": samples / step,
+            "peak_mb": (torch.cuda.max_memory_allocated() if cuda else
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+            "device": torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=["sd15", "bundled", "tiny"], default="bundled")
+    ap.add_argument("--variants", default="ti,db-full,db-8bit-ckpt,lora")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.size, args.batch_size, args.steps, args.warmup,
+                               args.mixed_precision)))
+        return
+    import torch
+
+    print(f"{args.size} model, batch {args.batch_size}, {args.mixed_precision} mixed precision, {args.steps} timed "
+          f"steps after {args.warmup} warm-up; torch {torch.__version__}, {platform.machine()}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    print("| variant | step (ms) | samples/s | peak memory (MB) | device |\n|---|---|---|---|---|")
+    for variant in args.variants.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--child", variant, "--size", args.size, "--batch-size",
+                               str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                               "--mixed-precision", args.mixed_precision], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"| {variant} | failed: {tail[:120]} | | | |", flush=True)
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"| {variant} | {r['step_ms']:.1f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} | {r['device']} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
