@@ -10,7 +10,6 @@ every file we write means the same thing in every loader, and no alpha metadata 
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch

@@ -8,8 +8,6 @@ text encoder the two prompts are encoded once too, so a step is one UNet forward
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,17 +16,16 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..data.images import IMAGE_EXTS, list_images, load_image, to_tensor
 from ..data.order import batch_indices
-from ..errors import ConceptorError
-from ..fileio import atomic_dir, atomic_path
+from ..fileio import atomic_path
 from ..formats.lora import lora_from_peft, write_lora
+from ..models.adapters import (TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora, load_trained_state, train_whole,
+                               trained_state)
 from ..models.load import Components
+from ..models.save import save_pipeline
 from .denoise import LatentSet, denoising_loss
 
 log = logging.getLogger("conceptor")
 
-# The attention projections, as the diffusers/kohya DreamBooth-LoRA recipes target them.
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -58,13 +55,6 @@ def ensure_class_images(components: Components, folder: Path, prompt: str, n: in
                         image.save(tmp, format="PNG")
                 bar.update(len(chunk))
     return list_images(folder)[:n]
-
-
-def _peft_config(rank: int, alpha: float | None, targets: list[str]):
-    from peft import LoraConfig
-
-    # Gaussian A, zero B: the adapted model starts exactly equal to the base one.
-    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
 
 
 class DreamBooth:
@@ -99,21 +89,16 @@ class DreamBooth:
 
         unet, te = components.unet, components.text_encoder
         groups = []
+        te_lr = db.text_encoder_lr or cfg.optim.lr
         if db.lora:
-            with torch.random.fork_rng(devices=[]):  # the adapters' random init is part of the run's seed
-                torch.manual_seed(cfg.train.seed)
-                unet.add_adapter(_peft_config(db.rank, db.alpha, UNET_LORA_TARGETS))
-                if db.lora_text_encoder:
-                    te.add_adapter(_peft_config(db.rank, db.alpha, TEXT_LORA_TARGETS))
-            groups.append({"params": self._fp32_trainables(unet)})
+            groups.append({"params": add_lora(unet, db.rank, db.alpha, UNET_LORA_TARGETS, cfg.train.seed)})
             if db.lora_text_encoder:
-                groups.append({"params": self._fp32_trainables(te), "lr": db.text_encoder_lr or cfg.optim.lr})
+                groups.append({"params": add_lora(te, db.rank, db.alpha, TEXT_LORA_TARGETS, cfg.train.seed + 1),
+                               "lr": te_lr})
         else:
-            unet.to(torch.float32).requires_grad_(True)
-            groups.append({"params": list(unet.parameters())})
+            groups.append({"params": train_whole(unet)})
             if db.train_text_encoder:
-                te.to(torch.float32).requires_grad_(True)
-                groups.append({"params": list(te.parameters()), "lr": db.text_encoder_lr or cfg.optim.lr})
+                groups.append({"params": train_whole(te), "lr": te_lr})
         unet.train()
         te.train(self.text_trains)
         if cfg.train.gradient_checkpointing:
@@ -125,13 +110,6 @@ class DreamBooth:
                  self.instance.n, f", {self.prior.n} class image(s)" if self.prior else " (no prior preservation)",
                  n / 1e6)
         return groups
-
-    @staticmethod
-    def _fp32_trainables(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-        params = [p for p in module.parameters() if p.requires_grad]
-        for p in params:  # adapters inherit the (maybe half) dtype of the frozen base; masters stay fp32
-            p.data = p.data.float()
-        return params
 
     # -- per step --------------------------------------------------------------------------------
     def _hidden(self, kind: str, b: int) -> torch.Tensor:
@@ -164,27 +142,10 @@ class DreamBooth:
         return mods
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.db.lora:
-            from peft.utils import get_peft_model_state_dict
-
-            return {f"{name}.{k}": v for name, m in self._modules().items()
-                    for k, v in get_peft_model_state_dict(m).items()}
-        return {f"{name}.{k}": v for name, m in self._modules().items() for k, v in m.state_dict().items()}
+        return trained_state(self._modules(), self.db.lora)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, m in self._modules().items():
-            part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-            if self.db.lora:
-                from peft.utils import set_peft_model_state_dict
-
-                result = set_peft_model_state_dict(m, part)
-                bad = getattr(result, "unexpected_keys", [])
-            else:
-                result = m.load_state_dict(part, strict=False)
-                bad = result.missing_keys + result.unexpected_keys
-            if bad or not part:
-                raise ConceptorError(f"checkpoint does not match this run's {name} (first mismatch: "
-                                     f"{(bad or ['no weights'])[0]}); resume with the same model and flags")
+        load_trained_state(self._modules(), state, self.db.lora)
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
         folder = Path(folder)
@@ -196,50 +157,7 @@ class DreamBooth:
             return [write_lora(lora, folder / name, "diffusers")]
         if not final:
             return []  # a full model per snapshot would be GBs; checkpoints/ holds the weights
-        return self._save_pipeline(folder)
-
-    def _save_pipeline(self, folder: Path) -> list[Path]:
-        """A diffusers pipeline folder in ``folder`` (model_index.json written last, so a half-written
-        folder never looks loadable), plus the single-file LDM checkpoint when asked."""
-        import json
-
-        from diffusers import StableDiffusionPipeline
-
-        from ..sampling.pipeline import make_scheduler
-
-        c = self.c
-        vae, te = c.vae, c.text_encoder
-        if vae.dtype != torch.float32 or (not self.text_trains and te.dtype != torch.float32):
-            # Frozen parts ran in half precision; write the untouched fp32 originals instead.
-            from ..api import resolve_model
-
-            base = resolve_model(self.cfg.model)
-            vae = base.vae
-            te = te if self.text_trains else base.text_encoder
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=c.tokenizer, unet=c.unet,
-                                       scheduler=make_scheduler(c, "ddim"), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        written = []
-        with atomic_dir(folder / ".pipeline") as tmp:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            # The training scheduler config as shipped (betas, prediction type): samplers start from it.
-            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(c.scheduler_config), indent=2))
-        staged = folder / ".pipeline"
-        for part in ("unet", "text_encoder", "vae", "tokenizer", "scheduler"):
-            target = folder / part
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staged / part, target)
-            written.append(target)
-        os.replace(staged / "model_index.json", folder / "model_index.json")
-        staged.rmdir()
-        written.append(folder / "model_index.json")
-        if self.db.save_single_file:
-            from ..formats.ldm_checkpoint import save_single_file_with_yaml
-
-            written += save_single_file_with_yaml(c.unet, vae, te, folder / "model.safetensors", c.family,
-                                                  c.prediction_type, c.scheduler_config)
-        return written
+        return save_pipeline(self.c, folder, self.cfg.model, self.text_trains, self.db.save_single_file)
 
     def prompt(self, text: str) -> str:
         return text

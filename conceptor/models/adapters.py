@@ -1,0 +1,59 @@
+"""Which weights train: whole modules in fp32, or PEFT LoRA adapters on their attention projections.
+
+Shared by every method that changes the model itself (DreamBooth, fine-tuning), with the state-dict
+plumbing a checkpoint needs for either.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConceptorError
+
+# The attention projections, as the diffusers/kohya LoRA recipes target them.
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def add_lora(module: torch.nn.Module, rank: int, alpha: float | None, targets: list[str],
+             seed: int) -> list[torch.nn.Parameter]:
+    """Inject a LoRA (Gaussian A, zero B: the model starts exactly equal to the base) and return its fp32
+    parameters. The random init comes from ``seed``, so it is part of the run's reproducible state."""
+    from peft import LoraConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                      target_modules=targets))
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:  # adapters inherit the (maybe half) dtype of the frozen base; masters stay fp32
+        p.data = p.data.float()
+    return params
+
+
+def train_whole(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    module.to(torch.float32).requires_grad_(True)
+    return list(module.parameters())
+
+
+def trained_state(modules: dict[str, torch.nn.Module], lora: bool) -> dict[str, torch.Tensor]:
+    """``{"unet.<key>": tensor, ...}``: the adapters only for LoRA, else every weight of each module."""
+    if lora:
+        from peft.utils import get_peft_model_state_dict
+
+        return {f"{name}.{k}": v for name, m in modules.items() for k, v in get_peft_model_state_dict(m).items()}
+    return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def load_trained_state(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor], lora: bool) -> None:
+    for name, m in modules.items():
+        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        if lora:
+            from peft.utils import set_peft_model_state_dict
+
+            bad = list(getattr(set_peft_model_state_dict(m, part), "unexpected_keys", []))
+        else:
+            result = m.load_state_dict(part, strict=False)
+            bad = result.missing_keys + result.unexpected_keys
+        if bad or not part:
+            raise ConceptorError(f"checkpoint does not match this run's {name} (first mismatch: "
+                                 f"{(bad or ['no weights'])[0]}); resume with the same model and flags")

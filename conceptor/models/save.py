@@ -1,0 +1,61 @@
+"""Write a trained model as a diffusers pipeline folder (and, on request, one LDM .safetensors + .yaml)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..fileio import atomic_dir
+from .load import Components
+
+PARTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler")
+
+
+def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trained: bool,
+                  single_file: bool = False) -> list[Path]:
+    """Make ``folder`` loadable by ``StableDiffusionPipeline.from_pretrained``.
+
+    All parts are staged in a hidden folder and moved in, ``model_index.json`` last, so a half-written
+    folder never looks loadable. Frozen parts that ran in half precision are written from the untouched
+    fp32 originals (reloaded), never from their rounded copies.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from ..sampling.pipeline import make_scheduler
+
+    vae, te = c.vae, c.text_encoder
+    if vae.dtype != torch.float32 or (not text_trained and te.dtype != torch.float32):
+        from ..api import resolve_model
+
+        base = resolve_model(model_cfg)
+        vae = base.vae
+        te = te if text_trained else base.text_encoder
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=c.tokenizer, unet=c.unet,
+                                   scheduler=make_scheduler(c, "ddim"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    folder = Path(folder)
+    staged = folder / ".pipeline"
+    with atomic_dir(staged) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        # The model's scheduler config as shipped (betas, prediction type): samplers start from it.
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(c.scheduler_config), indent=2))
+    written = []
+    for part in PARTS:
+        target = folder / part
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged / part, target)
+        written.append(target)
+    os.replace(staged / "model_index.json", folder / "model_index.json")
+    staged.rmdir()
+    written.append(folder / "model_index.json")
+    if single_file:
+        from ..formats.ldm_checkpoint import save_single_file_with_yaml
+
+        written += save_single_file_with_yaml(c.unet, vae, te, folder / "model.safetensors", c.family,
+                                              c.prediction_type, c.scheduler_config)
+    return written
