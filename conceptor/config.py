@@ -67,6 +67,7 @@ class TrainConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     log_every: int = 10
+    epochs: int | None = None  # finetune: passes over the dataset; sets steps
     gradient_checkpointing: bool = False
     ema: bool = False  # exponential moving average of the trained weights, saved as the output
     ema_decay: float = 0.9999
@@ -101,6 +102,24 @@ class DreamBoothConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    dataset: str = ""  # CSV, imagefolder with metadata.jsonl, images + .txt, saved HF dataset, hub name
+    image_column: str | None = None
+    caption_column: str | None = None
+    skip_bad: bool = False
+    caption_dropout: float = 0.0  # probability of an empty caption (what classifier-free guidance needs)
+    buckets: bool = False
+    min_res: int | None = None  # bucket side limits (default resolution/2 .. resolution*2)
+    max_res: int | None = None
+    random_crop: bool = False  # else centre crop; random crops cannot be cached, latents are encoded per step
+    lora: bool = False
+    rank: int = 4
+    alpha: float | None = None
+    save_single_file: bool = False
+    cache_dir: str | None = None  # default ~/.cache/conceptor; "none" disables the on-disk cache
+
+
+@dataclass
 class RunConfig:
     method: str
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -109,6 +128,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     textual_inversion: TextualInversionConfig | None = None
     dreambooth: DreamBoothConfig | None = None
+    finetune: FinetuneConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -118,9 +138,11 @@ class RunConfig:
 
 
 METHOD_SECTIONS = {"textual-inversion": ("textual_inversion", TextualInversionConfig),
-                   "dreambooth": ("dreambooth", DreamBoothConfig)}
+                   "dreambooth": ("dreambooth", DreamBoothConfig),
+                   "finetune": ("finetune", FinetuneConfig)}
 # The seeds' learning rates: TI moves a few vectors, full DreamBooth the whole UNet, LoRA a small adapter.
-DEFAULT_LR = {"textual-inversion": 5e-4, "dreambooth": 5e-6, "dreambooth-lora": 1e-4}
+DEFAULT_LR = {"textual-inversion": 5e-4, "dreambooth": 5e-6, "dreambooth-lora": 1e-4, "finetune": 1e-5,
+              "finetune-lora": 1e-4}
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 
 
@@ -174,7 +196,8 @@ def build_config(method: str, file_values: dict[str, Any] | None, overrides: dic
         sections[name] = cls(**merged[name])
     cfg = RunConfig(method=method, **sections)
     if cfg.optim.lr is None:
-        cfg.optim.lr = DEFAULT_LR[method + ("-lora" if cfg.dreambooth and cfg.dreambooth.lora else "")]
+        lora = (cfg.dreambooth and cfg.dreambooth.lora) or (cfg.finetune and cfg.finetune.lora)
+        cfg.optim.lr = DEFAULT_LR[method + ("-lora" if lora else "")]
     validate(cfg)
     return cfg
 
@@ -225,6 +248,17 @@ def validate(cfg: RunConfig) -> None:
             (db.class_images is None or db.class_prompt,
              "--class-images needs --class-prompt (the prompt its images show, e.g. 'a photo of a toy')"),
             (db.text_encoder_lr is None or db.text_encoder_lr > 0, "--text-encoder-lr must be positive"),
+        ]
+    if cfg.finetune is not None:
+        ft = cfg.finetune
+        checks += [
+            (bool(ft.dataset), "--dataset is required: a CSV, an image folder (metadata.jsonl or .txt captions) "
+                               "or a saved Hugging Face dataset"),
+            (0 <= ft.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
+            (ft.rank >= 1, "--rank must be at least 1"),
+            (not (ft.lora and ft.save_single_file), "--save-single-file writes a full model, not a LoRA"),
+            (ft.min_res is None or ft.max_res is None or ft.min_res <= ft.max_res, "--min-res must be <= --max-res"),
+            (t.epochs is None or t.epochs >= 1, "--epochs must be at least 1"),
         ]
     for ok, message in checks:
         if not ok:

@@ -71,7 +71,7 @@ def test_from_single_file_round_trip_is_exact(request, family, prediction):
 def test_keys_are_ldm_layout(request, family):
     folder, pipe, path = request.getfixturevalue(family)
     keys, meta = _keys_and_meta(path)
-    assert meta == {"format": "ldm", "family": family}
+    assert meta == {"format": "ldm", "family": family, "prediction_type": "epsilon"}
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys
     assert "model.diffusion_model.middle_block.1.proj_in.weight" in keys
     assert "model.diffusion_model.output_blocks.0.0.skip_connection.weight" in keys

@@ -34,6 +34,9 @@ DREAMBOOTH = {k: ("dreambooth", k) for k in (
     "instance_prompt", "class_prompt", "class_images", "num_class_images", "prior_loss_weight",
     "class_sampling_steps", "class_guidance", "train_text_encoder", "text_encoder_lr", "lora", "rank", "alpha",
     "lora_text_encoder", "save_single_file")}
+FINETUNE = {k: ("finetune", k) for k in (
+    "dataset", "image_column", "caption_column", "skip_bad", "caption_dropout", "buckets", "min_res", "max_res",
+    "random_crop", "lora", "rank", "alpha", "save_single_file", "cache_dir")}
 
 
 def _flag(p, name, **kw):
@@ -42,7 +45,7 @@ def _flag(p, name, **kw):
     p.add_argument(name, default=None, **kw)
 
 
-def add_common_flags(p: argparse.ArgumentParser) -> None:
+def add_common_flags(p: argparse.ArgumentParser, images: bool = True) -> None:
     g = p.add_argument_group("model")
     _flag(g, "--model", metavar="M", help="hub id, diffusers folder or .safetensors file (default: bundled toy model)")
     _flag(g, "--model-config", metavar="DIR", help="local diffusers folder with configs for a single-file --model")
@@ -50,9 +53,10 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     _flag(g, "--revision")
     _flag(g, "--variant", help="weights variant, e.g. fp16")
     g = p.add_argument_group("data")
-    _flag(g, "--images", metavar="DIR", help="folder of training images (img.txt beside img.png = its caption)")
+    if images:
+        _flag(g, "--images", metavar="DIR", help="folder of training images (img.txt beside img.png = its caption)")
+        _flag(g, "--center-crop", action="store_true", help="crop the centre square before resizing")
     _flag(g, "--resolution", type=int, help="training size in pixels, multiple of 8 (default: the model's)")
-    _flag(g, "--center-crop", action="store_true", help="crop the centre square before resizing")
     _flag(g, "--flip-p", type=float, help="probability of a horizontal flip (default 0.5)")
     _flag(g, "--repeats", type=int, help="images x repeats = one shuffled epoch (default 100)")
     g = p.add_argument_group("optimization")
@@ -123,6 +127,31 @@ def add_parser(sub) -> None:
     add_common_flags(db)
     db.set_defaults(handler=run, flag_map={**COMMON, **DREAMBOOTH})
 
+    ft = methods.add_parser("finetune", help="fine-tune the UNet (or a LoRA) on an image-caption dataset")
+    g = ft.add_argument_group("fine-tuning")
+    _flag(g, "--dataset", metavar="SRC", help="CSV (image_path,caption), folder with metadata.jsonl or .txt "
+          "captions, a datasets save_to_disk folder, or a hub dataset name")
+    _flag(g, "--image-column", metavar="C")
+    _flag(g, "--caption-column", metavar="C")
+    _flag(g, "--skip-bad", action="store_true", help="skip (and count) bad rows instead of stopping")
+    _flag(g, "--caption-dropout", type=float, metavar="F", help="probability of an empty caption (default 0)")
+    _flag(g, "--buckets", action="store_true", help="aspect-ratio buckets instead of square crops")
+    _flag(g, "--min-res", type=int, metavar="N", help="smallest bucket side (default resolution/2)")
+    _flag(g, "--max-res", type=int, metavar="N", help="largest bucket side (default resolution*2)")
+    crop = g.add_mutually_exclusive_group()
+    crop.add_argument("--random-crop", action="store_const", const=True, default=None,
+                      help="random crops (latents then cannot be cached)")
+    crop.add_argument("--center-crop", action="store_const", const=True, default=None, dest="center_crop_ft",
+                      help="centre crops (default)")
+    _flag(g, "--lora", action="store_true", help="train a LoRA of the UNet attention instead of the whole UNet")
+    _flag(g, "--rank", type=int, metavar="R", help="LoRA rank (default 4)")
+    _flag(g, "--alpha", type=float, metavar="A", help="LoRA alpha (default: the rank)")
+    _flag(g, "--save-single-file", action="store_true", help="also write OUTPUT/model.safetensors (+ .yaml)")
+    _flag(g, "--cache-dir", metavar="DIR", help="latent/text cache (default ~/.cache/conceptor; 'none' = off)")
+    _flag(g, "--epochs", type=int, metavar="N", help="passes over the dataset (sets --steps)")
+    add_common_flags(ft, images=False)
+    ft.set_defaults(handler=run, flag_map={**COMMON, **FINETUNE, "epochs": ("train", "epochs")})
+
 
 def config_from_args(args) -> "RunConfig":  # noqa: F821
     from ..config import build_config, read_config_file
@@ -138,7 +167,7 @@ def run(args) -> None:
     from .. import api
 
     cfg = config_from_args(args)
-    if cfg.data.images is None:
+    if cfg.data.images is None and cfg.method != "finetune":
         from ..errors import ConceptorError
 
         raise ConceptorError("--images is required: a folder with 3-20 pictures of your concept")

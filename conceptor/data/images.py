@@ -54,7 +54,11 @@ def to_tensor(image: Image.Image, resolution: int, center_crop: bool) -> torch.T
         w, h = image.size
         s = min(w, h)
         image = image.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
-    image = image.resize((resolution, resolution), resample=Image.BICUBIC)
+    return pil_to_tensor(image.resize((resolution, resolution), resample=Image.BICUBIC))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> [-1, 1] float CHW, the range SD's VAE was trained on."""
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 

@@ -32,3 +32,30 @@ def batch_indices(micro_index: int, batch_size: int, num_items: int, repeats: in
 def step_generator(seed: int, micro_index: int) -> torch.Generator:
     """The RNG for one micro-batch (noise, timesteps, flips, templates), independent of everything before."""
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + micro_index * 0x85EBCA77) % (2**63 - 1))
+
+
+class BucketBatches:
+    """Micro-batches that never mix buckets (every image in one batch has the same size), in an order that
+    is a pure function of (seed, micro-batch index) like ``batch_indices``: each epoch shuffles the images
+    inside every bucket, cuts them into batches and shuffles the batches."""
+
+    def __init__(self, bucket_of: list[int], batch_size: int, seed: int):
+        self.batch_size, self.seed = batch_size, seed
+        self.members: dict[int, list[int]] = {}
+        for i, b in enumerate(bucket_of):
+            self.members.setdefault(b, []).append(i)
+        self.per_epoch = sum(-(-len(m) // batch_size) for m in self.members.values())
+
+    @lru_cache(maxsize=4)
+    def _epoch(self, epoch: int) -> tuple[tuple[int, ...], ...]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches = []
+        for bucket in sorted(self.members):
+            m = self.members[bucket]
+            order = [m[j] for j in torch.randperm(len(m), generator=g).tolist()]
+            batches += [tuple(order[k:k + self.batch_size]) for k in range(0, len(order), self.batch_size)]
+        return tuple(batches[j] for j in torch.randperm(len(batches), generator=g).tolist())
+
+    def __call__(self, micro_index: int) -> list[int]:
+        epoch, pos = divmod(micro_index, self.per_epoch)
+        return list(self._epoch(epoch)[pos])

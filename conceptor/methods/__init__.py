@@ -13,4 +13,8 @@ def get_method(name: str):
         from .dreambooth import DreamBooth
 
         return DreamBooth()
+    if name == "finetune":
+        from .finetune import Finetune
+
+        return Finetune()
     raise ConceptorError(f"unknown method {name!r}")

@@ -50,12 +50,20 @@ class LatentSet:
 
 
 def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.Tensor, train: TrainConfig,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Per-sample diffusion loss (noise, timestep, UNet prediction, min-SNR weight) of a batch, fp32."""
+                   generator: torch.Generator, shard: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-sample diffusion loss (noise, timestep, UNet prediction, min-SNR weight) of a batch, fp32.
+
+    ``shard=(start, total)``: ``latents`` are rows start.. of a global batch of ``total`` split across
+    processes; noise and timesteps are drawn for all ``total`` rows and sliced, so N processes with batch
+    b train on exactly what one process with batch N*b would.
+    """
     c = components
     acp = c.scheduler.alphas_cumprod.to(latents.device)
-    noise = D.offset_noise(torch.randn(latents.shape, generator=generator), train.noise_offset, generator)
-    t = D.sample_timesteps(len(latents), c.scheduler.config.num_train_timesteps, generator)
+    start, total = shard or (0, len(latents))
+    rows = slice(start, start + len(latents))
+    noise = D.offset_noise(torch.randn((total, *latents.shape[1:]), generator=generator), train.noise_offset,
+                           generator)[rows]
+    t = D.sample_timesteps(total, c.scheduler.config.num_train_timesteps, generator)[rows]
     noise, t = noise.to(latents.device), t.to(latents.device)
     noisy = D.add_noise(latents, noise, t, acp)
     pred = c.unet(noisy.to(c.unet.dtype), t, hidden.to(c.unet.dtype)).sample

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -81,7 +82,9 @@ def make_accelerator(mixed_precision: str):
     # The accelerate state is a process-wide singleton; a library may train twice in one process
     # with different precisions, so drop the old state (keeping the distributed part).
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
+    # torchrun on a machine without GPUs: accelerate only picks the gloo CPU backend when told "cpu".
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def _lr_scheduler(optimizer, cfg: RunConfig):
@@ -124,9 +127,14 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
     for module in (components.text_encoder, components.vae, components.unet):
         module.to(device, dtype=weight_dtype)  # frozen weights in low precision; trainables stay fp32
 
-    groups = _param_groups(method.setup(components, cfg, device), cfg, accelerator.num_processes)
+    method.shard = (accelerator.process_index, accelerator.num_processes)
+    with accelerator.main_process_first():  # caches are filled once, by the main process; the others read them
+        setup = method.setup(components, cfg, device)
+    groups = _param_groups(setup, cfg, accelerator.num_processes)
     params = [p for g in groups for p in g["params"]]
-    output = make_output(cfg, action)
+    # Only the main process may delete an --overwrite'd run; the others just use the folder.
+    output = make_output(cfg, action if accelerator.is_main_process else "new")
+    accelerator.wait_for_everyone()
     if any(p.dtype != torch.float32 for p in params):
         raise RuntimeError("trainable parameters must be fp32 (fp16 master weights break the grad scaler)")
     optimizer = make_optimizer(groups, cfg, device)
@@ -156,8 +164,8 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
                                  f"than {start} to train further")
         log.info("resuming from %s at step %d", resume_from, start)
     metrics_path = output / "metrics.jsonl"
-    truncate_metrics(metrics_path, start)
     if accelerator.is_main_process:
+        truncate_metrics(metrics_path, start)
         write_text(output / "config.yaml", cfg.to_yaml())
 
     if start == 0 and accelerator.is_main_process:
@@ -176,6 +184,8 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
             accelerator.backward(loss / t.grad_accum)
             window += loss.detach()
             window_n += 1
+        if accelerator.num_processes > 1:
+            _average_gradients(params, accelerator.num_processes)
         if cfg.optim.max_grad_norm:
             accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         optimizer.step()
@@ -227,6 +237,20 @@ def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult
         plot_loss(read_metrics(metrics_path), output / "loss.png")
     accelerator.wait_for_everyone()
     return TrainResult(output=output, step=t.steps, last_loss=last_loss, files=files)
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """All-reduce the gradients of exactly the trained parameters, as one flat buffer (one collective per
+    step, like DDP's buckets, without wrapping modules the methods call in their own ways)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+        p.grad = g
 
 
 def _param_groups(setup_result: list, cfg: RunConfig, processes: int) -> list[dict]:

@@ -1,0 +1,172 @@
+"""Fine-tuning on an image-caption dataset (the seeds' Pokemon-BLIP recipe): the whole UNet, or a LoRA of it.
+
+Everything that does not change during training is computed once and kept on disk (data/cache.py): the
+VAE posterior of every image at its bucket size (and mirrored), and the text-encoder states of every
+caption. A step is then one UNet forward/backward. With several processes (``accelerate launch``) each
+takes its slice of one global batch, with noise drawn for the whole batch, so N processes x batch b are
+exactly one process x batch N*b.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..data.buckets import fit, make_buckets, nearest_bucket
+from ..data.cache import TensorCache, default_cache_dir, fingerprint, key
+from ..data.captions import load_examples
+from ..data.images import pil_to_tensor
+from ..data.order import BucketBatches
+from ..formats.lora import lora_from_peft, write_lora
+from ..models.adapters import UNET_LORA_TARGETS, add_lora, load_trained_state, train_whole, trained_state
+from ..models.load import Components
+from ..models.save import save_pipeline
+from .denoise import denoising_loss
+
+log = logging.getLogger("conceptor")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class Finetune:
+    name = "finetune"
+
+    def setup(self, components: Components, cfg: RunConfig, device: torch.device) -> list:
+        ft = self.ft = cfg.finetune
+        self.c, self.cfg, self.device = components, cfg, device
+        self.rank, self.world = getattr(self, "shard", (0, 1))
+        examples = load_examples(ft.dataset, ft.image_column, ft.caption_column, ft.skip_bad)
+        resolution = cfg.data.resolution or components.default_resolution
+        step = 64 if resolution >= 256 else 8  # bucket sides: multiples of the VAE factor x 8 on real models
+        if ft.buckets:
+            buckets = make_buckets(resolution, ft.min_res or resolution // 2, ft.max_res or resolution * 2, step)
+            sizes = [nearest_bucket(ex.image().size, buckets) for ex in examples]
+        else:
+            sizes = [(resolution, resolution)] * len(examples)
+        self.examples, self.sizes = examples, sizes
+        bucket_ids = {s: i for i, s in enumerate(sorted(set(sizes)))}
+        self.order = BucketBatches([bucket_ids[s] for s in sizes], cfg.train.batch_size * self.world,
+                                   cfg.train.seed)
+        per_step = cfg.train.grad_accum
+        if cfg.train.epochs:
+            cfg.train.steps = math.ceil(cfg.train.epochs * self.order.per_epoch / per_step)
+        cache_dir = None if (ft.cache_dir or "").lower() == "none" else Path(ft.cache_dir or default_cache_dir())
+        self.cache = TensorCache(cache_dir / "tensors" if cache_dir else None)
+        self.flip = cfg.data.flip_p > 0
+        self.vae_id = fingerprint(components.vae)
+        self.latents = None if ft.random_crop else self._cache_latents()
+        self.hidden, self.empty = self._cache_text()
+        log.info("finetune: %d example(s) in %d bucket(s) %s; %d micro-batches per epoch; effective batch %d "
+                 "(batch %d x accumulation %d x %d process(es)); cache %s", len(examples), len(bucket_ids),
+                 sorted(bucket_ids), self.order.per_epoch, cfg.train.batch_size * per_step * self.world,
+                 cfg.train.batch_size, per_step, self.world, cache_dir or "off")
+
+        unet = components.unet
+        params = add_lora(unet, ft.rank, ft.alpha, UNET_LORA_TARGETS, cfg.train.seed) if ft.lora else train_whole(unet)
+        unet.train()
+        if cfg.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        return params
+
+    # -- caches ----------------------------------------------------------------------------------
+    def _pixels(self, i: int, rng: random.Random | None = None) -> torch.Tensor:
+        image, _ = fit(self.examples[i].image(), self.sizes[i], "random" if rng else "center", rng)
+        return pil_to_tensor(image)
+
+    @torch.no_grad()
+    def _cache_latents(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Posterior (mean, std) per example, [2 if flips else 1, C, h, w], from the cache or the VAE."""
+        vae, out = self.c.vae, []
+        for i in tqdm(range(len(self.examples)), desc="caching latents", unit="img", leave=False):
+            k = key("latent", self.examples[i].image_bytes(), self.vae_id, self.sizes[i], "center", self.flip)
+            hit = self.cache.get(k)
+            if hit is None:
+                x = self._pixels(i)[None]
+                if self.flip:
+                    x = torch.cat([x, x.flip(-1)])
+                dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+                hit = {"mean": dist.mean.float().cpu(), "std": dist.std.float().cpu()}
+                self.cache.put(k, hit)
+            out.append((hit["mean"], hit["std"]))
+        if self.cache.folder is not None:
+            log.info("latents: %d from cache, %d encoded", self.cache.hits, self.cache.misses)
+        return out
+
+    @torch.no_grad()
+    def _cache_text(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        c = self.c
+        te_id = fingerprint(c.text_encoder)
+        tok = c.tokenizer
+
+        def encode(text: str) -> torch.Tensor:
+            k = key("text", text, te_id, tok.model_max_length)
+            hit = self.cache.get(k)
+            if hit is None:
+                ids = tok([text], padding="max_length", truncation=True, max_length=tok.model_max_length,
+                          return_tensors="pt").input_ids.to(c.text_encoder.device)
+                hit = {"hidden": c.text_encoder(ids)[0][0].float().cpu()}
+                self.cache.put(k, hit)
+            return hit["hidden"]
+
+        unique = {}
+        for ex in tqdm(self.examples, desc="caching captions", unit="caption", leave=False):
+            if ex.caption not in unique:
+                unique[ex.caption] = encode(ex.caption)
+        return [unique[ex.caption] for ex in self.examples], encode("")
+
+    # -- per step --------------------------------------------------------------------------------
+    def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
+        cfg, ft = self.cfg, self.ft
+        idx = self.order(micro_index)  # the global batch; this process takes its slice below
+        n = len(idx)
+        flips = (torch.rand(n, generator=generator) < cfg.data.flip_p).tolist() if self.flip else [False] * n
+        drop = (torch.rand(n, generator=generator) < ft.caption_dropout).tolist()
+        crop_seed = torch.randint(0, 2**31 - 1, (1,), generator=generator).item()
+        per = -(-n // self.world)
+        start = min(n, self.rank * per)
+        mine = range(start, min(n, start + per))
+        if not mine:  # a short last batch can leave a process empty; it still joins the gradient average
+            return sum(p.sum() * 0.0 for p in self.c.unet.parameters() if p.requires_grad)
+        if self.latents is not None:
+            mean = torch.stack([self.latents[idx[j]][0][int(flips[j])] for j in mine])
+            std = torch.stack([self.latents[idx[j]][1][int(flips[j])] for j in mine])
+        else:  # random crops: encode this step's crops (cannot be cached)
+            rng = random.Random(crop_seed)
+            x = torch.stack([self._pixels(idx[j], rng) for j in mine])
+            x = torch.where(torch.tensor([flips[j] for j in mine]).view(-1, 1, 1, 1), x.flip(-1), x)
+            with torch.no_grad():
+                dist = self.c.vae.encode(x.to(self.c.vae.device, self.c.vae.dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+        eps = torch.randn((n, *mean.shape[1:]), generator=generator)[start:start + len(mine)]
+        vae_cfg = self.c.vae.config
+        shift = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
+        latents = ((mean + std * eps) - shift) * float(vae_cfg.scaling_factor)
+        hidden = torch.stack([self.empty if drop[j] else self.hidden[idx[j]] for j in mine])
+        per_sample = denoising_loss(self.c, latents.to(self.device), hidden.to(self.device), cfg.train, generator,
+                                    shard=(start, n))
+        # Sum / global count: averaging the processes' gradients then gives the global batch's mean.
+        return per_sample.sum() * self.world / n
+
+    # -- state and files -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return trained_state({"unet": self.c.unet}, self.ft.lora)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_trained_state({"unet": self.c.unet}, state, self.ft.lora)
+
+    def save(self, folder: Path, step: int, final: bool) -> list[Path]:
+        folder = Path(folder)
+        if self.ft.lora:
+            name = LORA_FILE if final else LORA_FILE.replace(".safetensors", f"-steps-{step}.safetensors")
+            return [write_lora(lora_from_peft(self.c.unet, "unet"), folder / name, "diffusers")]
+        if not final:
+            return []
+        return save_pipeline(self.c, folder, self.cfg.model, False, self.ft.save_single_file)
+
+    def prompt(self, text: str) -> str:
+        return text
+
