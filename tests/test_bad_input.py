@@ -132,3 +132,28 @@ def test_resume_unknown_checkpoint(cli, tiny_sd1, concept_images, tmp_path):
 def test_fp16_on_cpu_is_refused_with_the_alternative(cli, tiny_sd1, concept_images, tmp_path):
     code, _, err = cli(*ti_args(tiny_sd1, concept_images, tmp_path / "out", "--mixed-precision", "fp16"))
     assert_one_line_error(code, err, "bf16")
+
+
+def test_second_run_on_a_locked_folder_is_refused_and_stale_locks_are_taken(tiny_sd1, concept_images, tmp_path, cli):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".conceptor.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        args = ["train", "textual-inversion", "--model", tiny_sd1, "--images", concept_images, "--token", "<t>",
+                "--init-token", "toy", "--steps", "1", "--output", out]
+        code, _, err = cli(*args)
+        assert code == 2 and f"in use by another conceptor run (pid {holder.pid})" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = cli(*args)  # the holder is gone: its lock is stale
+    assert code == 0, err
+    assert "stale lock" in err and not (out / ".conceptor.lock").exists()
+    assert os.path.isfile(out / "learned_embeds.safetensors")

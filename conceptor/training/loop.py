@@ -25,6 +25,7 @@ from ..models.load import Components
 from ..sampling.grid import make_grid
 from ..sampling.pipeline import sample
 from . import checkpoint as ckpt
+from .lock import LOCK_NAME, run_lock
 from .method import Method
 from .metrics import plot_loss, read_metrics, truncate_metrics
 
@@ -48,7 +49,7 @@ def check_output(cfg: RunConfig) -> str:
     out = Path(cfg.train.output)
     if out.exists() and not out.is_dir():
         raise ConceptorError(f"--output {out} is a file; pass a folder")
-    if not (out.is_dir() and any(out.iterdir())):
+    if not (out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())):
         return "new"
     saved = out / "config.yaml"
     if cfg.train.resume:
@@ -70,7 +71,9 @@ def make_output(cfg: RunConfig, action: str) -> Path:
     """Create the run folder; an --overwrite'd old run is removed only now, once the new one has started."""
     out = Path(cfg.train.output)
     if action == "replace":
-        shutil.rmtree(out)
+        for p in out.iterdir():
+            if p.name != LOCK_NAME:  # the lock is ours: this run holds it
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -113,6 +116,18 @@ def validate_images(components: Components, method: Method, cfg: RunConfig, outp
 
 
 def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult:
+    """Train ``method`` as ``cfg`` says, holding the output folder's lock (one run per folder)."""
+    out = Path(cfg.train.output)
+    if out.exists() and not out.is_dir():
+        raise ConceptorError(f"--output {out} is a file; pass a folder")
+    if int(os.environ.get("RANK", "0")) != 0:  # one lock per run: the main process holds it
+        return _train(method, components, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _train(method, components, cfg)
+
+
+def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResult:
     t = cfg.train
     action = check_output(cfg)
     accelerator = make_accelerator(t.mixed_precision)
