@@ -33,19 +33,35 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_image(path: Path, background=(255, 255, 255)) -> Image.Image:
-    """Decode fully (so truncation shows here, naming the file), honour EXIF rotation, return RGB."""
+    """Decode fully (so truncation shows here, naming the file) and return 8-bit RGB.
+
+    EXIF orientation is honoured; transparency is composited on ``background`` (white); 16-bit images
+    are scaled, not clipped; an animated file gives its first frame (warned); images larger than PIL's
+    decompression-bomb limit are refused; very small ones are accepted and warned about.
+    """
     try:
         with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                log.warning("%s has %d frames; using the first", path, im.n_frames)
+            im.seek(0)
             im.load()
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "P") and ("A" in im.mode or "transparency" in im.info):
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit greyscale: PIL's convert() clips at 255, so scale to 8 bits first.
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                im = Image.fromarray((arr * (255.0 / top)).round().clip(0, 255).astype(np.uint8), "L")
+            if im.mode in ("RGBA", "LA", "PA", "P") and ("A" in im.mode or "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 flat = Image.new("RGB", rgba.size, background)
                 flat.paste(rgba, mask=rgba.getchannel("A"))
-                return flat
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                im = flat
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ConceptorError(f"cannot read image {path}: {str(e) or type(e).__name__}; fix or remove it") from None
+    if min(im.size) < 32:
+        log.warning("%s is only %dx%d pixels; it will be upscaled, expect blur", path, *im.size)
+    return im
 
 
 def to_tensor(image: Image.Image, resolution: int, center_crop: bool) -> torch.Tensor:
