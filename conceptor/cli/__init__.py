@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -52,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except ConceptorError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, vanished files: what the OS said, about which file
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        hint = ("; files written before are intact (every write is atomic): free space, then --resume latest"
+                if e.errno == errno.ENOSPC else "")
+        print(f"error: {e.strerror or e}{where}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are kept (resume with --resume latest)", file=sys.stderr)

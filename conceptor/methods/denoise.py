@@ -5,12 +5,34 @@ encoding the image again would give, without running the VAE encoder in the trai
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from ..errors import ConceptorError
 from ..models.load import Components
 from ..training import diffusion as D
+
+log = logging.getLogger("conceptor")
+
+
+@torch.no_grad()
+def encode_posterior(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior, fp32. A half-precision VAE that overflows (SDXL's does in fp16:
+    NaN loss, black images) is switched to fp32 for the rest of the run, with a message, never silently."""
+    dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+    mean, std = dist.mean.float(), dist.std.float()
+    if torch.isfinite(mean).all() and torch.isfinite(std).all():
+        return mean, std
+    if vae.dtype == torch.float32:
+        raise ConceptorError("the VAE returns NaN/inf latents even in fp32; an input image or the VAE weights "
+                             "are broken")
+    log.warning("the VAE overflowed in %s; running it in fp32 from now on (or pass an fp16-fixed VAE)",
+                str(vae.dtype).replace("torch.", ""))
+    vae.to(torch.float32)
+    return encode_posterior(vae, x)
 
 
 @torch.no_grad()
@@ -19,9 +41,9 @@ def encode_latent_stats(vae, pixels: torch.Tensor, batch_size: int = 8, desc: st
     """Mean and std of the VAE posterior for each image (fp32, on the VAE's device)."""
     means, stds = [], []
     for i in tqdm(range(0, len(pixels), batch_size), desc=desc, leave=False, disable=len(pixels) <= batch_size):
-        dist = vae.encode(pixels[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
+        mean, std = encode_posterior(vae, pixels[i:i + batch_size])
+        means.append(mean)
+        stds.append(std)
     return torch.cat(means), torch.cat(stds)
 
 

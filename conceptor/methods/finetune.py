@@ -26,7 +26,7 @@ from ..formats.lora import lora_from_peft, write_lora
 from ..models.adapters import UNET_LORA_TARGETS, add_lora, load_trained_state, train_whole, trained_state
 from ..models.load import Components
 from ..models.save import save_pipeline
-from .denoise import denoising_loss
+from .denoise import denoising_loss, encode_posterior
 
 log = logging.getLogger("conceptor")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -88,8 +88,8 @@ class Finetune:
                 x = self._pixels(i)[None]
                 if self.flip:
                     x = torch.cat([x, x.flip(-1)])
-                dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-                hit = {"mean": dist.mean.float().cpu(), "std": dist.std.float().cpu()}
+                mean, std = encode_posterior(vae, x)
+                hit = {"mean": mean.cpu(), "std": std.cpu()}
                 self.cache.put(k, hit)
             out.append((hit["mean"], hit["std"]))
         if self.cache.folder is not None:
@@ -138,9 +138,7 @@ class Finetune:
             rng = random.Random(crop_seed)
             x = torch.stack([self._pixels(idx[j], rng) for j in mine])
             x = torch.where(torch.tensor([flips[j] for j in mine]).view(-1, 1, 1, 1), x.flip(-1), x)
-            with torch.no_grad():
-                dist = self.c.vae.encode(x.to(self.c.vae.device, self.c.vae.dtype)).latent_dist
-            mean, std = dist.mean.float(), dist.std.float()
+            mean, std = encode_posterior(self.c.vae, x)
         eps = torch.randn((n, *mean.shape[1:]), generator=generator)[start:start + len(mine)]
         vae_cfg = self.c.vae.config
         shift = float(getattr(vae_cfg, "shift_factor", None) or 0.0)

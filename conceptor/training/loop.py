@@ -194,9 +194,15 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
     for step in range(start + 1, t.steps + 1):
         for k in range(t.grad_accum):
             micro = (step - 1) * t.grad_accum + k
-            with accelerator.autocast():
-                loss = method.loss(micro, step_generator(t.seed, micro))
-            accelerator.backward(loss / t.grad_accum)
+            try:
+                with accelerator.autocast():
+                    loss = method.loss(micro, step_generator(t.seed, micro))
+                accelerator.backward(loss / t.grad_accum)
+            except torch.cuda.OutOfMemoryError:
+                raise ConceptorError(
+                    f"out of GPU memory at step {step}; reduce memory with --gradient-checkpointing, "
+                    "--mixed-precision bf16, --use-8bit-adam, --lora, or a smaller --batch-size with --grad-accum "
+                    "(or --resolution); checkpoints so far are kept, continue with --resume latest") from None
             window += loss.detach()
             window_n += 1
         if accelerator.num_processes > 1:
@@ -225,6 +231,9 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
 
         is_last = step == t.steps
         if accelerator.is_main_process and ((t.checkpoint_every and step % t.checkpoint_every == 0) or is_last):
+            if window_n and not torch.isfinite(window).item():  # never checkpoint weights a NaN step touched
+                raise ConceptorError(f"loss became NaN/inf before step {step}; the last good checkpoint is kept. "
+                                     "Lower --lr or use --mixed-precision bf16, then --resume latest")
             method.save(output, step, final=False)
             trained = method.state_dict()
             if ema is not None:
