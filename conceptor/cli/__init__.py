@@ -28,13 +28,13 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, demo, eval, generate, train
+    from . import convert, demo, eval, generate, toyworld, train
 
     parser = _Parser(prog="conceptor", description="Teach Stable Diffusion new concepts and generate with them.")
     parser.add_argument("--version", action="version", version=f"conceptor {__import__('conceptor').__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (train, generate, convert, eval, demo):
+    for module in (train, generate, convert, eval, demo, toyworld):
         module.add_parser(sub)
     return parser
 

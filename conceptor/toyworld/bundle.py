@@ -48,13 +48,13 @@ def ship_model(src: str | Path, dst: str | Path = MODEL_FOLDER, vae: str | Path 
     return dst
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src")
     ap.add_argument("--dst", default=str(MODEL_FOLDER))
     ap.add_argument("--vae", default=None)
     ap.add_argument("--scores", default=None, help="an evaluate.py --json table to keep beside the model")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     scores = json.loads(Path(args.scores).read_text()) if args.scores else None
     print(ship_model(args.src, args.dst, args.vae, scores))
 

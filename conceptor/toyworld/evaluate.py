@@ -149,7 +149,7 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder")
     ap.add_argument("--n-per-prompt", type=int, default=8)
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--grid", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--vae-only", action="store_true", help="score VAE reconstructions of FOLDER (a vae folder)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.vae_only:
         print(json.dumps(evaluate_vae(args.folder), indent=2))

@@ -289,7 +289,7 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
     say("done")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     for key, value in RECIPE.items():
@@ -299,7 +299,7 @@ def main() -> None:
     ap.add_argument("--log", type=Path, default=None)
     ap.add_argument("--deadline-min", type=float, default=0, help="stop (after saving) past this many minutes")
     ap.add_argument("--save-every-min", type=float, default=0, help="save by wall-clock instead of by steps")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(0)
