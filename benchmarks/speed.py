@@ -73,9 +73,57 @@ def images(folder: Path, size: int, n: int = 4) -> str:
     return str(folder)
 
 
+def reference(variant: str, size: str, batch: int, steps: int, warmup: int) -> dict:
+    """The seeds' recipe (benchmarks/reference_*.py) on the same model, from a folder on disk."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    cuda = torch.cuda.is_available()
+    work = Path(tempfile.mkdtemp())
+    if size == "sd15":
+        from diffusers import DDPMScheduler
+
+        from conceptor.models.tiny import save_pipeline_folder
+
+        c, folder, resolution = sd15_components("cpu"), work / "m", 512
+        c.tokenizer.save_pretrained(folder / "tokenizer")
+        save_pipeline_folder(folder, text_encoder=c.text_encoder, unet=c.unet, vae=c.vae,
+                             scheduler=DDPMScheduler.from_config(c.scheduler_config))
+    elif size == "bundled":
+        from conceptor import api
+
+        folder, resolution = api.bundled_model_path(), 64
+    else:
+        from conceptor.models.tiny import build_tiny_pipeline_folder
+
+        folder, resolution = build_tiny_pipeline_folder(work / "m", "sd1"), 32
+    inst = sorted(str(p) for p in Path(images(work / "img", resolution)).glob("*.png"))
+    cls = sorted(str(p) for p in Path(images(work / "cls", resolution)).glob("*.png"))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if variant == "ref-db-prior":
+        from reference_dreambooth import run_reference
+
+        times = run_reference(str(folder), inst, cls, steps + warmup, batch, resolution,
+                              device="cuda" if cuda else "cpu")[warmup:]
+        samples = 2 * batch
+    else:
+        from reference_ti import run_reference
+
+        times = run_reference(str(folder), inst, "<c>", "toy", steps + warmup, batch, resolution)[warmup:]
+        samples = batch
+    step = sum(times) / len(times)
+    return {"variant": variant, "step_ms": 1000 * step, "samples_per_s": samples / step,
+            "peak_mb": (torch.cuda.max_memory_allocated() if cuda else
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+            "device": torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()}"}
+
+
 def child(variant: str, size: str, batch: int, steps: int, warmup: int, precision: str) -> dict:
     import torch
 
+    if variant.startswith("ref-"):
+        return reference(variant, size, batch, steps, warmup)
     from conceptor import api
     from conceptor.config import build_config
     from conceptor.models.load import load_components
@@ -115,7 +163,8 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["sd15", "bundled", "tiny"], default="bundled")
-    ap.add_argument("--variants", default="ti,db-full,db-8bit-ckpt,lora")
+    ap.add_argument("--variants", default="ti,db-full,db-8bit-ckpt,lora",
+                    help="any of " + ",".join(VARIANTS) + ",ref-ti,ref-db-prior (ref-* = the seeds' recipe)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
