@@ -198,3 +198,40 @@ def test_eval_measures_dreambooth_runs(tiny_sd1, concept_images, tmp_path, cli):
     assert scores["method"] == "dreambooth" and scores["subject"] == "sks toy"
     assert 0 <= scores["class_prior_retention"] <= 1 and 0 <= scores["fidelity"] <= 1
     assert (tmp_path / "run" / "eval-class.png").is_file()
+
+
+def test_prior_loss_is_weighted_class_term(tiny_sd1, concept_images, tmp_path):
+    """loss(w) = instance + w * class on the same micro-batch: the two batches and the weight are real."""
+    from conceptor.data.order import step_generator
+    from conceptor.methods.dreambooth import DreamBooth
+
+    losses = {}
+    for w in (0.0, 1.0, 3.0):
+        cfg = db_config(tiny_sd1, concept_images, tmp_path / "run", {
+            "class_prompt": "a photo of a toy", "class_images": str(tmp_path / "cls"), "num_class_images": 2,
+            "class_sampling_steps": 1, "prior_loss_weight": w})
+        c = load_components(str(tiny_sd1)).frozen()
+        method = DreamBooth()
+        method.setup(c, cfg, torch.device("cpu"))
+        assert method.prior is not None and method.prior.n == 2
+        with torch.no_grad():
+            losses[w] = method.loss(0, step_generator(0, 0)).item()
+    class_part = losses[1.0] - losses[0.0]
+    assert class_part > 0
+    assert losses[3.0] == pytest.approx(losses[0.0] + 3 * class_part, rel=1e-5)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--lora", "--rank", "0"], "--rank must be at least 1"),
+    (["--class-images", "CLS"], "--class-images needs --class-prompt"),
+    (["--images", "EMPTY"], "no images in"),
+])
+def test_dreambooth_bad_input(tiny_sd1, concept_images, tmp_path, cli, flags, needle):
+    (tmp_path / "empty").mkdir()
+    flags = [str(tmp_path / "empty") if f == "EMPTY" else str(tmp_path / "cls") if f == "CLS" else f for f in flags]
+    args = ["train", "dreambooth", "--model", tiny_sd1, "--instance-prompt", "a photo of sks toy", "--steps", "1",
+            "--output", tmp_path / "o"]
+    if "--images" not in flags:
+        args += ["--images", concept_images]
+    code, _, err = cli(*args, *flags)
+    assert code == 2 and needle in err, err

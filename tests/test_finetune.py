@@ -157,3 +157,19 @@ def test_two_processes_equal_one_with_the_global_batch(tiny_sd1, csv_dataset, tm
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3 * moved
     rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3  # one writer
+
+
+def test_ema_output_is_the_decayed_average(tiny_sd1, csv_dataset, tmp_path):
+    """Two steps with --ema: diffusers' warm-up gives decay 0 at the first update (average = weights) and
+    min(decay, 2/11) at the second, so the saved UNet is exactly 2/11 * raw_1 + 9/11 * raw_2; OUTPUT/raw
+    holds raw_2 and the step-1 checkpoint raw_1."""
+    from safetensors.torch import load_file
+
+    result = api.train(ft_config(csv_dataset, tmp_path / "run", "none", model=tiny_sd1, steps=2, ema=True,
+                                 ema_decay=0.999, checkpoint_every=1))
+    name = "unet/diffusion_pytorch_model.safetensors"
+    ema, raw2 = load_file(str(result.output / name)), load_file(str(result.output / "raw" / name))
+    raw1 = load_file(str(result.output / "checkpoints" / "step-000001" / "trained.safetensors"))
+    assert any(not torch.equal(raw1["unet." + k], raw2[k]) for k in raw2)
+    for k in raw2:
+        assert torch.allclose(ema[k], 2 / 11 * raw1["unet." + k] + 9 / 11 * raw2[k], atol=1e-6), k
