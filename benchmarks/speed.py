@@ -31,6 +31,8 @@ VARIANTS = {  # name -> (method, method section, extra train/optim settings)
     "db-prior": ("dreambooth", {"instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy",
                                 "num_class_images": 4, "class_sampling_steps": 2}, {}),
     "lora": ("dreambooth", {"instance_prompt": "a photo of sks toy", "lora": True, "rank": 4}, {}),
+    "ti-compile": ("textual-inversion", {"token": "<c>", "init_token": "toy"}, {"compile": True}),
+    "db-compile": ("dreambooth", {"instance_prompt": "a photo of sks toy"}, {"compile": True}),
 }
 
 

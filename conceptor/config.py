@@ -69,6 +69,7 @@ class TrainConfig:
     log_every: int = 10
     epochs: int | None = None  # finetune: passes over the dataset; sets steps
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet (first steps pay the compile time, reported apart)
     ema: bool = False  # exponential moving average of the trained weights, saved as the output
     ema_decay: float = 0.9999
     offload_ema: bool = False  # keep the average in CPU memory between steps

@@ -22,7 +22,7 @@ COMMON = {
     "snr_gamma": ("train", "snr_gamma"), "noise_offset": ("train", "noise_offset"),
     "log_every": ("train", "log_every"), "use_8bit_adam": ("optim", "use_8bit_adam"),
     "gradient_checkpointing": ("train", "gradient_checkpointing"), "ema": ("train", "ema"),
-    "ema_decay": ("train", "ema_decay"), "offload_ema": ("train", "offload_ema"),
+    "ema_decay": ("train", "ema_decay"), "offload_ema": ("train", "offload_ema"), "compile": ("train", "compile"),
 }
 TEXTUAL_INVERSION = {
     "token": ("textual_inversion", "token"), "init_token": ("textual_inversion", "init_token"),
@@ -90,6 +90,7 @@ def add_common_flags(p: argparse.ArgumentParser, images: bool = True) -> None:
     _flag(g, "--noise-offset", type=float, help="offset noise strength, e.g. 0.05")
     _flag(g, "--log-every", type=int, metavar="N", help="loss log interval in steps")
     _flag(g, "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    _flag(g, "--compile", action="store_true", help="torch.compile the UNet (faster steps after a one-off compile)")
     _flag(g, "--config", metavar="FILE", help="YAML/TOML config; flags override it")
 
 

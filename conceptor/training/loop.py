@@ -146,6 +146,11 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
     with accelerator.main_process_first():  # caches are filled once, by the main process; the others read them
         setup = method.setup(components, cfg, device)
     groups = _param_groups(setup, cfg, accelerator.num_processes)
+    if t.compile:
+        # In place (nn.Module.compile), after adapters are injected: weights, state-dict keys and every
+        # caller stay the same object, only forward runs compiled.
+        components.unet.compile()
+        log.info("compiling the UNet: the first steps include compile time (reported apart)")
     params = [p for g in groups for p in g["params"]]
     # Only the main process may delete an --overwrite'd run; the others just use the folder.
     output = make_output(cfg, action if accelerator.is_main_process else "new")
@@ -228,6 +233,8 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
                     f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
         bar.update(1)
+        if step == start + 1 and t.compile:
+            log.info("first step took %.1f s (includes compilation)", time.perf_counter() - t0)
 
         is_last = step == t.steps
         if accelerator.is_main_process and ((t.checkpoint_every and step % t.checkpoint_every == 0) or is_last):
