@@ -24,10 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 INSTANCE = "a photo of a sks object"
 CLASS = "a photo of a object"
 VARIANTS = {  # name -> (dreambooth section, lr)
-    "full + prior": ({"class_prompt": CLASS}, 1e-4),
-    "full, no prior": ({}, 1e-4),
-    "LoRA r8 + prior": ({"class_prompt": CLASS, "lora": True, "rank": 8}, 1e-3),
-    "LoRA r8, no prior": ({"lora": True, "rank": 8}, 1e-3),
+    "full+prior": ({"class_prompt": CLASS}, 1e-4),
+    "full-no-prior": ({}, 1e-4),
+    "lora+prior": ({"class_prompt": CLASS, "lora": True, "rank": 8}, 1e-3),
+    "lora-no-prior": ({"lora": True, "rank": 8}, 1e-3),
 }
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         section, lr = VARIANTS[name]
-        out = work / name.replace(" ", "_").replace(",", "").replace("+", "with")
+        out = work / name.replace("+", "-with-")
         cfg = build_config("dreambooth", None, {
             "data": {"images": str(images)}, "optim": {"lr": lr},
             "train": {"output": str(out), "steps": args.steps, "batch_size": 2, "checkpoint_every": 0,

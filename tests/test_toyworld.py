@@ -6,6 +6,8 @@ import pytest
 
 from conceptor.toyworld import world as W
 
+TI_STEPS = 60
+
 
 def test_same_seed_same_pixels_and_captions():
     a, b = W.dataset(3, 20), W.dataset(3, 20)
@@ -117,3 +119,26 @@ def test_evaluator_ships_and_reads_fresh_renders():
         assert accuracy >= 0.95, (key, accuracy)
     assert p.features.shape == (200, 128)
     assert json.loads((FOLDER / "config.json").read_text())["held_out_accuracy"]["shape"] >= 0.95
+
+
+def test_bundled_model_ti_raises_fidelity(tmp_path):
+    """The shipped model loads offline, and a short textual inversion on the shipped concept (an unnamed
+    shape the model draws but has no word for) makes "a photo of a <concept>" draw it far more often."""
+    from conceptor import api
+    from conceptor.config import build_config
+    from conceptor.eval.concept import fidelity
+    from conceptor.toyworld.concept import COLOR, FOLDER, SHAPE
+    from conceptor.toyworld.evaluator import load_evaluator
+
+    model = api.bundled_model_path()
+    assert model is not None, "the bundled toy model is missing from the package"
+    cfg = build_config("textual-inversion", None, {
+        "data": {"images": str(FOLDER)}, "optim": {"lr": 5e-3},
+        "train": {"output": str(tmp_path / "run"), "steps": TI_STEPS, "batch_size": 4, "checkpoint_every": 0},
+        "textual_inversion": {"token": "<c>", "init_token": "object"}})
+    result = api.train(cfg)
+    evaluator = load_evaluator()
+    before = api.load(None).generate("a photo of a object", num_images=12, steps=15, seed=0)
+    after = api.load(None, [result.output]).generate("a photo of a <c>", num_images=12, steps=15, seed=0)
+    f_before, f_after = fidelity(evaluator, before, SHAPE, COLOR), fidelity(evaluator, after, SHAPE, COLOR)
+    assert f_after >= f_before + 0.3 and f_after >= 0.5, (f_before, f_after)

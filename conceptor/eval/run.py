@@ -38,7 +38,7 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
     if not has_toyworld_evaluator():
         raise ConceptorError("the toy-world evaluator is not in this install; reinstall conceptor from its repo")
     base = model or cfg.get("model", {}).get("model")
-    if base is None or Path(base).resolve() != Path(api.bundled_model_path() or "").resolve():
+    if base is not None and Path(base).resolve() != Path(api.bundled_model_path() or "").resolve():
         log.warning("the toy-world evaluator only understands toy-world images; numbers for other models "
                     "are not meaningful")
     if method == "textual-inversion":
