@@ -93,8 +93,13 @@ class Model:
         from .models.tokens import add_tokens
 
         emb = read_embedding(path, token=token)
-        add_tokens(self.components.tokenizer, self.components.text_encoder, emb.token,
-                   emb.vectors.to(self.components.text_encoder.dtype))
+        c = self.components
+        if c.is_sdxl != (emb.vectors_2 is not None):
+            raise ConceptorError(f"{Path(path).name} is an {'SDXL' if emb.vectors_2 is not None else 'SD 1/2'} "
+                                 f"embedding but the model is {'SDXL' if c.is_sdxl else 'SD 1/2'}; use one made "
+                                 "for this model family")
+        for te, tok, v in zip(c.text_encoders, c.tokenizers, (emb.vectors, emb.vectors_2)):
+            add_tokens(tok, te, emb.token, v.to(te.dtype))
         self.tokens[emb.token] = emb.num_vectors
         return emb.token
 
@@ -133,7 +138,7 @@ def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, lor
     parsed_loras = [parse_lora_arg(str(x)) for x in loras]  # a typo fails before the model loads
     components = resolve_model(ModelConfig(model=model, model_config=model_config, family=family))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for m in (components.text_encoder, components.vae, components.unet):
+    for m in (*components.text_encoders, components.vae, components.unet):
         m.to(device, dtype=dtype).eval()
     loaded = Model(components)
     for path, scale in parsed_loras:

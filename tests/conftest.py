@@ -56,3 +56,10 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from conceptor.models.tiny import build_tiny_pipeline_folder
+
+    return build_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")

@@ -139,6 +139,10 @@ def write_embedding_sdxl_diffusers(emb: Embedding, folder: str | Path) -> tuple[
 
 
 def convert_embedding(src: str | Path, dst: str | Path, to: str, token: str | None = None) -> Embedding:
+    """Rewrite in another layout. SDXL to diffusers writes its two-file form into the folder ``dst``."""
     emb = read_embedding(src, token=token)
-    write_embedding(emb, dst, to)
+    if emb.vectors_2 is not None and to == "diffusers":
+        write_embedding_sdxl_diffusers(emb, dst)
+    else:
+        write_embedding(emb, dst, to)
     return emb

@@ -72,7 +72,8 @@ class LatentSet:
 
 
 def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.Tensor, train: TrainConfig,
-                   generator: torch.Generator, shard: tuple[int, int] | None = None) -> torch.Tensor:
+                   generator: torch.Generator, shard: tuple[int, int] | None = None,
+                   added_cond: dict | None = None) -> torch.Tensor:
     """Per-sample diffusion loss (noise, timestep, UNet prediction, min-SNR weight) of a batch, fp32.
 
     ``shard=(start, total)``: ``latents`` are rows start.. of a global batch of ``total`` split across
@@ -88,7 +89,9 @@ def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.
     t = D.sample_timesteps(total, c.scheduler.config.num_train_timesteps, generator)[rows]
     noise, t = noise.to(latents.device), t.to(latents.device)
     noisy = D.add_noise(latents, noise, t, acp)
-    pred = c.unet(noisy.to(c.unet.dtype), t, hidden.to(c.unet.dtype)).sample
+    if added_cond is not None:  # SDXL: pooled text embedding and size ids, in the UNet's dtype
+        added_cond = {k: v.to(c.unet.dtype) for k, v in added_cond.items()}
+    pred = c.unet(noisy.to(c.unet.dtype), t, hidden.to(c.unet.dtype), added_cond_kwargs=added_cond).sample
     target = D.target_for(c.prediction_type, latents, noise, t, acp)
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     if train.snr_gamma:

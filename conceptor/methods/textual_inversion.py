@@ -18,6 +18,7 @@ from ..data.templates import fill, load_templates
 from ..errors import ConceptorError
 from ..formats.embeddings import Embedding, write_embedding
 from ..models.load import Components
+from ..models.text import added_conditioning, encode, token_ids
 from ..models.tokens import add_tokens, check_new_token, expand_prompt, initializer_id, token_names
 from .denoise import LatentSet, denoising_loss
 
@@ -31,10 +32,10 @@ class TextualInversion:
         ti = cfg.textual_inversion
         self.c, self.cfg, self.device = components, cfg, device
         self.token, self.num_vectors = ti.token, ti.vectors
-        tok = components.tokenizer
-        for name in token_names(ti.token, ti.vectors):
-            check_new_token(tok, name)
-        init_id = initializer_id(tok, ti.init_token)
+        for tok in components.tokenizers:  # SDXL: the token goes into both vocabularies
+            for name in token_names(ti.token, ti.vectors):
+                check_new_token(tok, name)
+        init_ids = [initializer_id(tok, ti.init_token) for tok in components.tokenizers]
         templates = load_templates(ti.what, ti.templates)
 
         resolution = cfg.data.resolution or components.default_resolution
@@ -51,25 +52,29 @@ class TextualInversion:
         pixels = torch.stack([to_tensor(im, resolution, cfg.data.center_crop) for im in images])
         self.latents = LatentSet(components, pixels, flip=cfg.data.flip_p > 0)
         n = self.num_items = len(paths)
+        self.resolution = resolution
 
-        init = components.text_encoder.get_input_embeddings().weight[init_id].detach().float()
-        self.embedding = add_tokens(tok, components.text_encoder, ti.token, init.repeat(ti.vectors, 1))
+        # One trained row block per text encoder; SDXL trains both (the 768- and the 1280-wide one).
+        self.embeddings = []
+        for tok, te, init_id in zip(components.tokenizers, components.text_encoders, init_ids):
+            init = te.get_input_embeddings().weight[init_id].detach().float()
+            self.embeddings.append(add_tokens(tok, te, ti.token, init.repeat(ti.vectors, 1)))
+        self.embedding = self.embeddings[0]
         self.first_trained_row = self.embedding.new.shape[0] - ti.vectors
-        self._ids_cache: dict[str, torch.Tensor] = {}
-        log.info("textual inversion: %d image(s) at %dpx, token %s x%d vector(s) initialised from %r",
-                 n, resolution, ti.token, ti.vectors, ti.init_token)
-        return [self.embedding.new]
+        self._ids_cache: dict[str, list[torch.Tensor]] = {}
+        log.info("textual inversion: %d image(s) at %dpx, token %s x%d vector(s) initialised from %r%s",
+                 n, resolution, ti.token, ti.vectors, ti.init_token,
+                 " in both SDXL text encoders" if components.is_sdxl else "")
+        return [e.new for e in self.embeddings]
 
     # -- per step --------------------------------------------------------------------------------
-    def _ids(self, prompts: list[str]) -> torch.Tensor:
-        rows = []
+    def _ids(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids per tokenizer, cached per prompt (templates repeat)."""
         for p in prompts:
             if p not in self._ids_cache:
-                tok = self.c.tokenizer
-                self._ids_cache[p] = tok(self.prompt(p), padding="max_length", truncation=True,
-                                         max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
-            rows.append(self._ids_cache[p])
-        return torch.stack(rows).to(self.device)
+                self._ids_cache[p] = [ids[0] for ids in token_ids(self.c, [self.prompt(p)])]
+        return [torch.stack([self._ids_cache[p][k] for p in prompts]).to(self.device)
+                for k in range(len(self.c.tokenizers))]
 
     def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
@@ -77,29 +82,34 @@ class TextualInversion:
         choice = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
         prompts = [fill(self.captions[i][k % len(self.captions[i])], self.token) for i, k in zip(idx, choice)]
         latents = self.latents.sample(idx, cfg.data.flip_p, generator).to(self.device)
-        hidden = self.c.text_encoder(self._ids(prompts))[0]
-        return denoising_loss(self.c, latents, hidden, cfg.train, generator).mean()
+        hidden, pooled = encode(self.c, self._ids(prompts))
+        added = added_conditioning(self.c, pooled, self.resolution)
+        return denoising_loss(self.c, latents, hidden, cfg.train, generator, added_cond=added).mean()
 
     # -- state and files -------------------------------------------------------------------------
-    def vectors(self) -> torch.Tensor:
-        return self.embedding.new[self.first_trained_row:].detach().float().cpu()
+    def vectors(self, k: int = 0) -> torch.Tensor:
+        return self.embeddings[k].new[self.first_trained_row:].detach().float().cpu()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"vectors": self.vectors().contiguous()}
+        keys = ("vectors", "vectors_2")
+        return {keys[k]: self.vectors(k).contiguous() for k in range(len(self.embeddings))}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        v = state["vectors"]
-        if v.shape != self.vectors().shape:
-            raise ConceptorError(f"checkpoint holds {tuple(v.shape)} vectors but this run trains "
-                                 f"{tuple(self.vectors().shape)}; resume with the same --vectors and model")
-        with torch.no_grad():
-            self.embedding.new[self.first_trained_row:] = v.to(self.embedding.new.device)
+        for k, key in enumerate(("vectors", "vectors_2")[:len(self.embeddings)]):
+            v = state.get(key)
+            if v is None or v.shape != self.vectors(k).shape:
+                raise ConceptorError(f"checkpoint holds {None if v is None else tuple(v.shape)} {key} but this run "
+                                     f"trains {tuple(self.vectors(k).shape)}; resume with the same --vectors and model")
+            with torch.no_grad():
+                self.embeddings[k].new[self.first_trained_row:] = v.to(self.embeddings[k].new.device)
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
-        emb = Embedding(token=self.token, vectors=self.vectors())
+        sdxl = len(self.embeddings) > 1
+        emb = Embedding(token=self.token, vectors=self.vectors(), vectors_2=self.vectors(1) if sdxl else None)
         name = "learned_embeds.safetensors" if final else f"learned_embeds-steps-{step}.safetensors"
         path = Path(folder) / name
-        write_embedding(emb, path, "diffusers")
+        # SDXL: one {"clip_l", "clip_g"} file, what A1111, ComfyUI and kohya load.
+        write_embedding(emb, path, "kohya" if sdxl else "diffusers")
         return [path]
 
     def prompt(self, text: str) -> str:

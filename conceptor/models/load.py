@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConceptorError
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2")  # single files; SDXL folders and hub ids load too (detected by text_encoder_2)
 # Hub repos whose configs (and tokenizer) describe each family's single-file checkpoints.
 FAMILY_CONFIG_REPOS = {
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -38,6 +38,20 @@ class Components:
     prediction_type: str  # "epsilon" | "v_prediction", read from the model's scheduler config
     source: str
     extra: dict = field(default_factory=dict)
+    tokenizer_2: Any = None  # SDXL: the OpenCLIP-bigG tokenizer and text encoder (with projection: pooled)
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -49,7 +63,7 @@ class Components:
 
     def frozen(self) -> "Components":
         """Freeze every weight (methods then switch on exactly what they train)."""
-        for m in (self.text_encoder, self.vae, self.unet):
+        for m in (*self.text_encoders, self.vae, self.unet):
             m.requires_grad_(False)
             m.eval()
         return self
@@ -119,11 +133,31 @@ def _load_folder(where: str, revision: str | None, variant: str | None, dtype: t
         unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=dtype,
                                                     variant=variant, **common)
         scheduler_config = dict(DDPMScheduler.load_config(where, subfolder="scheduler", **common))
+        tokenizer_2 = text_encoder_2 = None
+        if _has_part(where, "text_encoder_2", common):
+            from transformers import CLIPTextModelWithProjection
+
+            tokenizer_2 = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2", **common)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(where, subfolder="text_encoder_2",
+                                                                         torch_dtype=dtype, **common)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         hint = ("it is not in the local cache and HF_HUB_OFFLINE is set"
                 if os.environ.get("HF_HUB_OFFLINE") == "1" and not local_only else str(e).splitlines()[0])
         raise ConceptorError(f"could not load model {source}: {hint}") from None
-    return _assemble(tokenizer, text_encoder, vae, unet, scheduler_config, source)
+    return _assemble(tokenizer, text_encoder, vae, unet, scheduler_config, source, tokenizer_2, text_encoder_2)
+
+
+def _has_part(where: str, part: str, common: dict) -> bool:
+    """Whether the pipeline lists ``part`` (SDXL's second text encoder) in its model_index.json."""
+    local = Path(where) / "model_index.json"
+    if local.is_file():
+        index = json.loads(local.read_text())
+    else:
+        from huggingface_hub import hf_hub_download
+
+        index = json.loads(Path(hf_hub_download(where, "model_index.json", **{
+            k: v for k, v in common.items() if k in ("revision", "local_files_only")})).read_text())
+    return bool(index.get(part)) and index.get(part)[0] is not None
 
 
 def _load_single_file(path: Path, model_config: str | None, family: str | None,
@@ -152,7 +186,8 @@ def _load_single_file(path: Path, model_config: str | None, family: str | None,
     return _assemble(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, dict(pipe.scheduler.config), str(path))
 
 
-def _assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict, source: str) -> Components:
+def _assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict, source: str, tokenizer_2=None,
+              text_encoder_2=None) -> Components:
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(scheduler_config)
@@ -160,6 +195,7 @@ def _assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict, source
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ConceptorError(f"model {source} predicts {prediction_type!r}; conceptor trains epsilon and "
                              "v_prediction models")
+    family = "sdxl" if text_encoder_2 is not None else detect_family(text_encoder.config)
     return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
-                      scheduler_config=scheduler_config, family=detect_family(text_encoder.config), prediction_type=prediction_type,
-                      source=source)
+                      scheduler_config=scheduler_config, family=family, prediction_type=prediction_type,
+                      source=source, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)

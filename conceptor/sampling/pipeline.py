@@ -32,8 +32,15 @@ def make_scheduler(components: Components, name: str = "ddim"):
 
 
 def build_pipeline(components: Components, scheduler: str = "ddim"):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if components.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
+            scheduler=make_scheduler(components, scheduler))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
         unet=components.unet, scheduler=make_scheduler(components, scheduler), safety_checker=None,

@@ -102,7 +102,7 @@ def validate_images(components: Components, method: Method, cfg: RunConfig, outp
     if not prompts:
         return None
     n = cfg.train.validation_images
-    modes = [(m, m.training) for m in (components.text_encoder, components.unet)]
+    modes = [(m, m.training) for m in (*components.text_encoders, components.unet)]
     for m, _ in modes:
         m.eval()
     images = sample(components, [p for p in prompts for _ in range(n)], [s for _ in prompts for s in range(n)],
@@ -139,7 +139,7 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
     if cfg.optim.use_8bit_adam:  # before any model work: a missing dependency should cost nothing
         make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1, device=device))], "lr": 1.0}], cfg, device)
     components.frozen()
-    for module in (components.text_encoder, components.vae, components.unet):
+    for module in (*components.text_encoders, components.vae, components.unet):
         module.to(device, dtype=weight_dtype)  # frozen weights in low precision; trainables stay fp32
 
     method.shard = (accelerator.process_index, accelerator.num_processes)

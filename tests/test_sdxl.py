@@ -1,0 +1,63 @@
+"""SDXL on a tiny SDXL-shaped pipeline: textual inversion trains BOTH text encoders, the one-file
+clip_l/clip_g embedding loads in diffusers' SDXL pipeline and in conceptor generate, conversions."""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from conceptor import api
+from conceptor.config import build_config
+from conceptor.models.load import load_components
+
+
+def test_loader_detects_sdxl(tiny_sdxl, tiny_sd1):
+    c = load_components(str(tiny_sdxl))
+    assert c.family == "sdxl" and c.is_sdxl and len(c.text_encoders) == 2
+    assert load_components(str(tiny_sd1)).text_encoder_2 is None
+
+
+def test_ti_trains_both_encoders_and_diffusers_loads_the_file(tiny_sdxl, concept_images, tmp_path, cli):
+    from diffusers import StableDiffusionXLPipeline
+
+    original = load_components(str(tiny_sdxl))
+    components = load_components(str(tiny_sdxl))
+    cfg = build_config("textual-inversion", None, {
+        "model": {"model": str(tiny_sdxl)}, "data": {"images": str(concept_images)}, "optim": {"lr": 5e-2},
+        "train": {"output": str(tmp_path / "run"), "steps": 4, "batch_size": 2, "checkpoint_every": 0},
+        "textual_inversion": {"token": "<t>", "init_token": "toy", "vectors": 2}})
+    result = api.train(cfg, components)
+    saved = load_file(str(result.output / "learned_embeds.safetensors"))
+    assert set(saved) == {"clip_l", "clip_g"}
+    assert saved["clip_l"].shape == (2, 32) and saved["clip_g"].shape == (2, 48)
+    for k, (te, te0, tok) in enumerate(zip(components.text_encoders, original.text_encoders, original.tokenizers)):
+        init = te0.get_input_embeddings().weight[tok.convert_tokens_to_ids("toy</w>")]
+        vectors = saved["clip_l" if k == 0 else "clip_g"]
+        assert all((vectors[i] - init).abs().max() > 1e-3 for i in range(2)), f"encoder {k + 1} did not train"
+        assert torch.equal(te.get_input_embeddings().base.weight, te0.get_input_embeddings().weight)
+    for a, b in zip(components.unet.parameters(), original.unet.parameters()):
+        assert torch.equal(a, b)
+
+    # The two calls README shows for diffusers.
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    pipe.load_textual_inversion(saved["clip_l"], token=["<t>", "<t>_1"], text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(saved["clip_g"], token=["<t>", "<t>_1"], text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a photo of <t> <t>_1", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+
+    code, _, err = cli("generate", "--model", tiny_sdxl, "--embedding", result.output, "--prompt", "a photo of <t>",
+                       "--steps", "2", "--output", tmp_path / "img")
+    assert code == 0, err
+    code, _, err = cli("convert", "embedding", result.output / "learned_embeds.safetensors", tmp_path / "two",
+                       "--to", "diffusers")
+    assert code == 0, err
+    assert torch.equal(load_file(str(tmp_path / "two" / "learned_embeds_2.safetensors"))["<t>"], saved["clip_g"])
+
+
+def test_sd1_embedding_on_sdxl_is_a_clear_error(tiny_sdxl, tiny_sd1, concept_images, tmp_path, cli):
+    code, _, err = cli("train", "textual-inversion", "--model", tiny_sd1, "--images", concept_images, "--token",
+                       "<t>", "--init-token", "toy", "--steps", "1", "--output", tmp_path / "sd1")
+    assert code == 0, err
+    code, _, err = cli("generate", "--model", tiny_sdxl, "--embedding", tmp_path / "sd1", "--prompt", "<t>")
+    assert code == 2 and "SD 1/2 embedding but the model is SDXL" in err
