@@ -108,7 +108,7 @@ class Model:
         from .formats.lora import apply_lora, read_lora
 
         c = self.components
-        return apply_lora(read_lora(path), c.unet, c.text_encoder, scale)
+        return apply_lora(read_lora(path), c.unet, c.text_encoder, scale, c.text_encoder_2)
 
     def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 30,
                  guidance: float = 7.5, scheduler: str = "ddim", seed: int | None = 0, width: int | None = None,

@@ -61,3 +61,56 @@ def test_sd1_embedding_on_sdxl_is_a_clear_error(tiny_sdxl, tiny_sd1, concept_ima
     assert code == 0, err
     code, _, err = cli("generate", "--model", tiny_sdxl, "--embedding", tmp_path / "sd1", "--prompt", "<t>")
     assert code == 2 and "SD 1/2 embedding but the model is SDXL" in err
+
+
+def _db(tiny, images, out, **db):
+    return build_config("dreambooth", None, {
+        "model": {"model": str(tiny)}, "data": {"images": str(images)}, "optim": {"lr": 1e-2},
+        "train": {"output": str(out), "steps": 3, "batch_size": 1, "checkpoint_every": 0},
+        "dreambooth": {"instance_prompt": "a photo of sks toy", **db}})
+
+
+def test_dreambooth_lora_both_encoders_loads_in_diffusers_and_kohya(tiny_sdxl, concept_images, tmp_path, cli):
+    from diffusers import StableDiffusionXLPipeline
+
+    from conceptor.formats.lora import apply_lora, read_lora
+
+    components = load_components(str(tiny_sdxl))
+    result = api.train(_db(tiny_sdxl, concept_images, tmp_path / "run", lora=True, rank=2, lora_text_encoder=True,
+                           class_prompt="a photo of a toy", num_class_images=2, class_sampling_steps=2), components)
+    lora = read_lora(result.output / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder", "text_encoder_2"}
+
+    mine = load_components(str(tiny_sdxl))
+    apply_lora(lora, mine.unet, mine.text_encoder, 1.0, mine.text_encoder_2)
+    code, _, err = cli("convert", "lora", result.output / "pytorch_lora_weights.safetensors",
+                       tmp_path / "k.safetensors", "--to", "kohya")
+    assert code == 0, err
+    keys = load_file(str(tmp_path / "k.safetensors"))
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    for source in (result.output, tmp_path / "k.safetensors"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+        pipe.load_lora_weights(str(source))
+        x, t = torch.randn(1, 4, 4, 4), torch.tensor([400])
+        h, pooled = torch.randn(1, 77, 80), torch.randn(1, 48)
+        cond = {"text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+        with torch.no_grad():
+            theirs = pipe.unet(x, t, h, added_cond_kwargs=cond).sample
+            ours = mine.unet(x, t, h, added_cond_kwargs=cond).sample
+            ids = pipe.tokenizer_2(["a photo of sks toy"], padding="max_length", max_length=77,
+                                   return_tensors="pt").input_ids
+            te_theirs = pipe.text_encoder_2(ids).text_embeds
+            te_ours = mine.text_encoder_2(ids).text_embeds
+        assert torch.allclose(theirs, ours, atol=1e-5), source
+        assert torch.allclose(te_theirs, te_ours, atol=1e-5), source
+
+
+def test_full_dreambooth_writes_an_sdxl_pipeline(tiny_sdxl, concept_images, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    original = load_components(str(tiny_sdxl))
+    result = api.train(_db(tiny_sdxl, concept_images, tmp_path / "run", train_text_encoder=True))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(result.output))
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), original.unet.parameters()))
+    assert any(not torch.equal(a, b) for a, b in
+               zip(pipe.text_encoder_2.parameters(), original.text_encoder_2.parameters()))

@@ -21,7 +21,7 @@ from .safe_load import load_tensors
 
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 FORMATS = ("diffusers", "kohya")
-PREFIXES = ("unet", "text_encoder")
+PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 
 # Multi-word names in SD's UNet and CLIP module paths; kohya joins every level with "_", so these are
 # glued back together after splitting on "_" (the same table diffusers keeps for its converter).
@@ -49,7 +49,7 @@ def read_lora(path: str | Path) -> LoraWeights:
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ConceptorError(f"{path} holds no tensors; is it a LoRA file?")
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in tensors):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in tensors):
         return _from_kohya(tensors, path)
     return _from_diffusers(tensors, path)
 
@@ -66,8 +66,9 @@ def _from_kohya(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
         down = tensors[key].float()
         if base.startswith("lora_unet_"):
             name = "unet." + _kohya_to_dotted(base[len("lora_unet_"):])
-        elif base.startswith(("lora_te_", "lora_te1_")):
-            name = "text_encoder." + _module_of(_kohya_to_dotted(base.split("_", 2)[2]))
+        elif base.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
+            prefix = "text_encoder_2." if base.startswith("lora_te2_") else "text_encoder."
+            name = prefix + _module_of(_kohya_to_dotted(base.split("_", 2)[2]))
         else:
             continue
         out[name] = _fold(down, up.float(), tensors.get(base + ".alpha"))
@@ -92,7 +93,7 @@ def _from_diffusers(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
                 prefix, _, module = base.partition(".")
                 if prefix not in PREFIXES:  # bare PEFT keys of a UNet adapter
                     prefix, module = "unet", base
-                if prefix == "text_encoder":
+                if prefix != "unet":
                     module = _module_of(module)
                 alpha = tensors.get(base + ".alpha")
                 out[f"{prefix}.{module}"] = _fold(tensors[key].float(), up.float(), alpha)
@@ -116,15 +117,20 @@ def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Pa
     if to not in FORMATS:
         raise ConceptorError(f"unknown LoRA format {to!r}; choose one of {', '.join(FORMATS)}")
     tensors: dict[str, torch.Tensor] = {}
+    sdxl = any(n.startswith("text_encoder_2.") for n in lora)
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                    "text_encoder_2": "lora_te2_"}  # kohya numbers SDXL's two encoders
     for name, (down, up) in lora.items():
         prefix, _, module = name.partition(".")
+        if prefix != "unet":
+            # Text-encoder paths with CLIP's "text_model." level: what kohya/A1111 use, what older
+            # transformers have, and what diffusers strips again for models that lack it.
+            module = "text_model." + module
         if to == "diffusers":
-            tensors[f"{name}.lora_A.weight"] = down
-            tensors[f"{name}.lora_B.weight"] = up
+            tensors[f"{prefix}.{module}.lora_A.weight"] = down
+            tensors[f"{prefix}.{module}.lora_B.weight"] = up
         else:
-            if prefix == "text_encoder":
-                module = "text_model." + module  # the layout A1111/kohya name text-encoder modules by
-            base = ("lora_unet_" if prefix == "unet" else "lora_te_") + module.replace(".", "_")
+            base = kohya_prefix[prefix] + module.replace(".", "_")
             tensors[f"{base}.lora_down.weight"] = down
             tensors[f"{base}.lora_up.weight"] = up
             tensors[f"{base}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale already folded
@@ -155,14 +161,15 @@ def lora_from_peft(module: torch.nn.Module, prefix: str) -> LoraWeights:
 
 
 @torch.no_grad()
-def apply_lora(lora: LoraWeights, unet: torch.nn.Module, text_encoder: torch.nn.Module, scale: float = 1.0) -> int:
+def apply_lora(lora: LoraWeights, unet: torch.nn.Module, text_encoder: torch.nn.Module, scale: float = 1.0,
+               text_encoder_2: torch.nn.Module | None = None) -> int:
     """Merge ``scale * up @ down`` into the Linear weights it names; returns how many layers changed.
 
     Merged weights cost nothing at sampling time, and several LoRAs simply add up.
     """
-    modules = {"unet": dict(unet.named_modules()), "text_encoder": {}}
-    for name, m in text_encoder.named_modules():
-        modules["text_encoder"][_module_of(name)] = m
+    modules = {"unet": dict(unet.named_modules())}
+    for prefix, te in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        modules[prefix] = {_module_of(name): m for name, m in te.named_modules()} if te is not None else {}
     missing = []
     for name, (down, up) in lora.items():
         prefix, _, path = name.partition(".")

@@ -22,6 +22,7 @@ from ..models.adapters import (TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora, l
                                trained_state)
 from ..models.load import Components
 from ..models.save import save_pipeline
+from ..models.text import added_conditioning, encode, token_ids
 from .denoise import LatentSet, denoising_loss
 
 log = logging.getLogger("conceptor")
@@ -78,33 +79,35 @@ class DreamBooth:
                                         seed=cfg.train.seed)
             self.prior = latents(paths, "caching class latents")
 
-        tok = components.tokenizer
+        self.resolution = resolution
         prompts = {"instance": db.instance_prompt, "class": db.class_prompt or ""}
-        self.ids = {k: tok(v, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                           return_tensors="pt").input_ids.to(device) for k, v in prompts.items()}
+        self.ids = {k: token_ids(components, [v]) for k, v in prompts.items()}
         self.text_trains = db.train_text_encoder or db.lora_text_encoder
-        if not self.text_trains:
+        if not self.text_trains:  # frozen text encoder(s): both prompts are encoded once
             with torch.no_grad():
-                self.hidden = {k: components.text_encoder(v)[0] for k, v in self.ids.items()}
+                self.encoded = {k: encode(components, v) for k, v in self.ids.items()}
 
-        unet, te = components.unet, components.text_encoder
+        unet = components.unet
         groups = []
         te_lr = db.text_encoder_lr or cfg.optim.lr
         if db.lora:
             groups.append({"params": add_lora(unet, db.rank, db.alpha, UNET_LORA_TARGETS, cfg.train.seed)})
-            if db.lora_text_encoder:
-                groups.append({"params": add_lora(te, db.rank, db.alpha, TEXT_LORA_TARGETS, cfg.train.seed + 1),
-                               "lr": te_lr})
+            if db.lora_text_encoder:  # SDXL: both text encoders
+                for k, te in enumerate(components.text_encoders):
+                    groups.append({"params": add_lora(te, db.rank, db.alpha, TEXT_LORA_TARGETS,
+                                                      cfg.train.seed + 1 + k), "lr": te_lr})
         else:
             groups.append({"params": train_whole(unet)})
             if db.train_text_encoder:
-                groups.append({"params": train_whole(te), "lr": te_lr})
+                for te in components.text_encoders:
+                    groups.append({"params": train_whole(te), "lr": te_lr})
         unet.train()
-        te.train(self.text_trains)
+        for te in components.text_encoders:
+            te.train(self.text_trains)
+            if cfg.train.gradient_checkpointing and self.text_trains:
+                te.gradient_checkpointing_enable()
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-            if self.text_trains:
-                te.gradient_checkpointing_enable()
         n = sum(p.numel() for g in groups for p in g["params"])
         log.info("dreambooth%s: %d instance image(s)%s, %.1fM trainable parameters", " LoRA" if db.lora else "",
                  self.instance.n, f", {self.prior.n} class image(s)" if self.prior else " (no prior preservation)",
@@ -112,23 +115,30 @@ class DreamBooth:
         return groups
 
     # -- per step --------------------------------------------------------------------------------
-    def _hidden(self, kind: str, b: int) -> torch.Tensor:
+    def _text(self, kind: str, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, pooled) of a prompt for ``b`` rows: cached, or encoded now when the encoder trains."""
         if self.text_trains:
-            return self.c.text_encoder(self.ids[kind].expand(b, -1))[0]
-        return self.hidden[kind].expand(b, -1, -1)
+            hidden, pooled = encode(self.c, [ids.expand(b, -1) for ids in self.ids[kind]])
+        else:
+            hidden, pooled = self.encoded[kind]
+            hidden = hidden.expand(b, -1, -1)
+            pooled = pooled.expand(b, -1) if pooled is not None else None
+        return hidden, pooled
 
     def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
         cfg, b = self.cfg, self.cfg.train.batch_size
         idx = batch_indices(micro_index, b, self.instance.n, cfg.data.repeats, cfg.train.seed)
         latents = [self.instance.sample(idx, cfg.data.flip_p, generator)]
-        hidden = [self._hidden("instance", b)]
+        text = [self._text("instance", b)]
         if self.prior is not None:
             # A stream of its own (seed + 1) so the class images cycle independently of the instances.
             cidx = batch_indices(micro_index, b, self.prior.n, 1, cfg.train.seed + 1)
             latents.append(self.prior.sample(cidx, cfg.data.flip_p, generator))
-            hidden.append(self._hidden("class", b))
-        per_sample = denoising_loss(self.c, torch.cat(latents).to(self.device), torch.cat(hidden), cfg.train,
-                                    generator)
+            text.append(self._text("class", b))
+        hidden = torch.cat([h for h, _ in text])
+        pooled = torch.cat([p for _, p in text]) if text[0][1] is not None else None
+        per_sample = denoising_loss(self.c, torch.cat(latents).to(self.device), hidden, cfg.train, generator,
+                                    added_cond=added_conditioning(self.c, pooled, self.resolution))
         loss = per_sample[:b].mean()
         if self.prior is not None:
             loss = loss + self.db.prior_loss_weight * per_sample[b:].mean()
@@ -139,6 +149,8 @@ class DreamBooth:
         mods = {"unet": self.c.unet}
         if self.text_trains:
             mods["text_encoder"] = self.c.text_encoder
+            if self.c.text_encoder_2 is not None:
+                mods["text_encoder_2"] = self.c.text_encoder_2
         return mods
 
     def state_dict(self) -> dict[str, torch.Tensor]:

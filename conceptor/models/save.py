@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from ..fileio import atomic_dir
 from .load import Components
 
-PARTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler")
+PARTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 
 
 def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trained: bool,
@@ -23,20 +23,27 @@ def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trai
     folder never looks loadable. Frozen parts that ran in half precision are written from the untouched
     fp32 originals (reloaded), never from their rounded copies.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from ..errors import ConceptorError
     from ..sampling.pipeline import make_scheduler
 
-    vae, te = c.vae, c.text_encoder
+    if single_file and c.is_sdxl:
+        raise ConceptorError("--save-single-file is not available for SDXL yet; the diffusers folder is written")
+    vae, te, te2 = c.vae, c.text_encoder, c.text_encoder_2
     if vae.dtype != torch.float32 or (not text_trained and te.dtype != torch.float32):
         from ..api import resolve_model
 
         base = resolve_model(model_cfg)
         vae = base.vae
-        te = te if text_trained else base.text_encoder
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=c.tokenizer, unet=c.unet,
-                                   scheduler=make_scheduler(c, "ddim"), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        te, te2 = (te, te2) if text_trained else (base.text_encoder, base.text_encoder_2)
+    if c.is_sdxl:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=c.tokenizer,
+                                         tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=make_scheduler(c, "euler"))
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=c.tokenizer, unet=c.unet,
+                                       scheduler=make_scheduler(c, "ddim"), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     folder = Path(folder)
     staged = folder / ".pipeline"
     with atomic_dir(staged) as tmp:
@@ -45,6 +52,8 @@ def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trai
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(c.scheduler_config), indent=2))
     written = []
     for part in PARTS:
+        if not (staged / part).exists():  # SD 1/2 have no second text encoder
+            continue
         target = folder / part
         if target.exists():
             shutil.rmtree(target)
