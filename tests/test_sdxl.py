@@ -114,3 +114,24 @@ def test_full_dreambooth_writes_an_sdxl_pipeline(tiny_sdxl, concept_images, tmp_
     assert any(not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), original.unet.parameters()))
     assert any(not torch.equal(a, b) for a, b in
                zip(pipe.text_encoder_2.parameters(), original.text_encoder_2.parameters()))
+
+
+def test_finetune_sdxl_with_buckets(tiny_sdxl, concept_images, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from conceptor.data.buckets import center_crop_offset, fit
+
+    assert fit(Image.new("RGB", (1000, 500)), (704, 320))[1] == center_crop_offset((1000, 500), (704, 320))
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(concept_images / "wide.png")
+    rows = ["image_path,caption"] + [f"{p.name},a round thing {i}" for i, p in enumerate(sorted(concept_images.glob("*.png")))]
+    (concept_images / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = build_config("finetune", None, {
+        "model": {"model": str(tiny_sdxl)}, "optim": {"lr": 1e-3},
+        "train": {"output": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "checkpoint_every": 0},
+        "finetune": {"dataset": str(concept_images / "data.csv"), "buckets": True, "cache_dir": str(tmp_path / "c"),
+                     "caption_dropout": 0.5}})
+    result = api.train(cfg)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(result.output))
+    original = load_components(str(tiny_sdxl))
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), original.unet.parameters()))

@@ -28,10 +28,18 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def center_crop_offset(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of the centre crop ``fit`` takes from an image of ``size`` for ``target`` (SDXL's crop ids)."""
+    w, h = size
+    scale = max(target[0] / w, target[1] / h)
+    nw, nh = max(target[0], round(w * scale)), max(target[1], round(h * scale))
+    return (nh - target[1]) // 2, (nw - target[0]) // 2
+
+
 def fit(image: Image.Image, size: tuple[int, int], crop: str = "center", rng: random.Random | None = None
         ) -> tuple[Image.Image, tuple[int, int]]:
-    """Resize to cover ``size`` (keeping aspect), then crop to it; returns the image and the crop's top-left
-    (SDXL conditions on it; SD 1/2 ignore it)."""
+    """Resize to cover ``size`` (keeping aspect), then crop to it; returns the image and the crop's
+    (top, left) (SDXL conditions on it; SD 1/2 ignore it)."""
     w, h = image.size
     bw, bh = size
     scale = max(bw / w, bh / h)
@@ -42,4 +50,4 @@ def fit(image: Image.Image, size: tuple[int, int], crop: str = "center", rng: ra
         left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
     else:
         left, top = (nw - bw) // 2, (nh - bh) // 2
-    return image.crop((left, top, left + bw, top + bh)), (left, top)
+    return image.crop((left, top, left + bw, top + bh)), (top, left)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from ..data.buckets import fit, make_buckets, nearest_bucket
+from ..data.buckets import center_crop_offset, fit, make_buckets, nearest_bucket
 from ..data.cache import TensorCache, default_cache_dir, fingerprint, key
 from ..data.captions import load_examples
 from ..data.images import pil_to_tensor
@@ -26,6 +26,7 @@ from ..formats.lora import lora_from_peft, write_lora
 from ..models.adapters import UNET_LORA_TARGETS, add_lora, load_trained_state, train_whole, trained_state
 from ..models.load import Components
 from ..models.save import save_pipeline
+from ..models.text import encode, token_ids
 from .denoise import denoising_loss, encode_posterior
 
 log = logging.getLogger("conceptor")
@@ -42,12 +43,16 @@ class Finetune:
         examples = load_examples(ft.dataset, ft.image_column, ft.caption_column, ft.skip_bad)
         resolution = cfg.data.resolution or components.default_resolution
         step = 64 if resolution >= 256 else 8  # bucket sides: multiples of the VAE factor x 8 on real models
+        originals = [ex.image().size for ex in examples] if (ft.buckets or components.is_sdxl) else None
         if ft.buckets:
             buckets = make_buckets(resolution, ft.min_res or resolution // 2, ft.max_res or resolution * 2, step)
-            sizes = [nearest_bucket(ex.image().size, buckets) for ex in examples]
+            sizes = [nearest_bucket(size, buckets) for size in originals]
         else:
             sizes = [(resolution, resolution)] * len(examples)
         self.examples, self.sizes = examples, sizes
+        # SDXL's size conditioning per example: (original h, w, crop top, left, target h, w).
+        self.time_ids = None if originals is None else [
+            (o[1], o[0], *center_crop_offset(o, t), t[1], t[0]) for o, t in zip(originals, sizes)]
         bucket_ids = {s: i for i, s in enumerate(sorted(set(sizes)))}
         self.order = BucketBatches([bucket_ids[s] for s in sizes], cfg.train.batch_size * self.world,
                                    cfg.train.seed)
@@ -73,9 +78,13 @@ class Finetune:
         return params
 
     # -- caches ----------------------------------------------------------------------------------
-    def _pixels(self, i: int, rng: random.Random | None = None) -> torch.Tensor:
-        image, _ = fit(self.examples[i].image(), self.sizes[i], "random" if rng else "center", rng)
-        return pil_to_tensor(image)
+    def _pixels(self, i: int, rng: random.Random | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        image = self.examples[i].image()
+        fitted, crop = fit(image, self.sizes[i], "random" if rng else "center", rng)
+        if self.time_ids is not None and rng is not None:  # random crop: SDXL is told where it was
+            o, t = image.size, self.sizes[i]
+            self.time_ids[i] = (o[1], o[0], *crop, t[1], t[0])
+        return pil_to_tensor(fitted), crop
 
     @torch.no_grad()
     def _cache_latents(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,7 +94,7 @@ class Finetune:
             k = key("latent", self.examples[i].image_bytes(), self.vae_id, self.sizes[i], "center", self.flip)
             hit = self.cache.get(k)
             if hit is None:
-                x = self._pixels(i)[None]
+                x = self._pixels(i)[0][None]
                 if self.flip:
                     x = torch.cat([x, x.flip(-1)])
                 mean, std = encode_posterior(vae, x)
@@ -97,26 +106,27 @@ class Finetune:
         return out
 
     @torch.no_grad()
-    def _cache_text(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _cache_text(self) -> tuple[list[dict], dict]:
+        """Per example {"hidden"[, "pooled"]} from the cache or the text encoder(s), and the empty caption's."""
         c = self.c
-        te_id = fingerprint(c.text_encoder)
-        tok = c.tokenizer
+        te_id = "+".join(fingerprint(te) for te in c.text_encoders)
 
-        def encode(text: str) -> torch.Tensor:
-            k = key("text", text, te_id, tok.model_max_length)
+        def encode_one(text: str) -> dict:
+            k = key("text", text, te_id, c.tokenizer.model_max_length)
             hit = self.cache.get(k)
             if hit is None:
-                ids = tok([text], padding="max_length", truncation=True, max_length=tok.model_max_length,
-                          return_tensors="pt").input_ids.to(c.text_encoder.device)
-                hit = {"hidden": c.text_encoder(ids)[0][0].float().cpu()}
+                hidden, pooled = encode(c, token_ids(c, [text]))
+                hit = {"hidden": hidden[0].float().cpu()}
+                if pooled is not None:
+                    hit["pooled"] = pooled[0].float().cpu()
                 self.cache.put(k, hit)
-            return hit["hidden"]
+            return hit
 
         unique = {}
         for ex in tqdm(self.examples, desc="caching captions", unit="caption", leave=False):
             if ex.caption not in unique:
-                unique[ex.caption] = encode(ex.caption)
-        return [unique[ex.caption] for ex in self.examples], encode("")
+                unique[ex.caption] = encode_one(ex.caption)
+        return [unique[ex.caption] for ex in self.examples], encode_one("")
 
     # -- per step --------------------------------------------------------------------------------
     def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
@@ -136,16 +146,22 @@ class Finetune:
             std = torch.stack([self.latents[idx[j]][1][int(flips[j])] for j in mine])
         else:  # random crops: encode this step's crops (cannot be cached)
             rng = random.Random(crop_seed)
-            x = torch.stack([self._pixels(idx[j], rng) for j in mine])
+            x = torch.stack([self._pixels(idx[j], rng)[0] for j in mine])
             x = torch.where(torch.tensor([flips[j] for j in mine]).view(-1, 1, 1, 1), x.flip(-1), x)
             mean, std = encode_posterior(self.c.vae, x)
         eps = torch.randn((n, *mean.shape[1:]), generator=generator)[start:start + len(mine)]
         vae_cfg = self.c.vae.config
         shift = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
         latents = ((mean + std * eps) - shift) * float(vae_cfg.scaling_factor)
-        hidden = torch.stack([self.empty if drop[j] else self.hidden[idx[j]] for j in mine])
-        per_sample = denoising_loss(self.c, latents.to(self.device), hidden.to(self.device), cfg.train, generator,
-                                    shard=(start, n))
+        text = [self.empty if drop[j] else self.hidden[idx[j]] for j in mine]
+        hidden = torch.stack([t["hidden"] for t in text]).to(self.device)
+        added = None
+        if self.c.is_sdxl:
+            added = {"text_embeds": torch.stack([t["pooled"] for t in text]).to(self.device),
+                     "time_ids": torch.tensor([self.time_ids[idx[j]] for j in mine], dtype=torch.float32,
+                                              device=self.device)}
+        per_sample = denoising_loss(self.c, latents.to(self.device), hidden, cfg.train, generator,
+                                    shard=(start, n), added_cond=added)
         # Sum / global count: averaging the processes' gradients then gives the global batch's mean.
         return per_sample.sum() * self.world / n
 
