@@ -82,3 +82,19 @@ def test_shared_cache_concurrent_writers(tmp_path):
     [t.join() for t in threads]
     assert not errors
     assert torch.equal(cache.get(k)["mean"], torch.full((4, 8, 8), 1.0))
+
+
+def test_generation_notices_vae_overflow_instead_of_black_images(tiny_sd1, caplog):
+    import numpy as np
+
+    from conceptor import api
+
+    model = api.load(str(tiny_sd1))
+    reference = np.asarray(model.generate("a photo of a toy", steps=2)[0])
+    vae = model.components.vae.to(torch.bfloat16)
+    real = vae.decoder.forward
+    vae.decoder.forward = lambda z, *a, **k: real(z, *a, **k) * (float("inf") if z.dtype != torch.float32 else 1.0)
+    with caplog.at_level("WARNING", logger="conceptor"):
+        image = np.asarray(model.generate("a photo of a toy", steps=2)[0])
+    assert "overflowed" in caplog.text and vae.dtype == torch.float32
+    assert np.abs(image.astype(int) - reference.astype(int)).max() <= 2  # the fp32 picture, not black

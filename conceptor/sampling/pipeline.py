@@ -79,8 +79,30 @@ def sample(components: Components, prompts: list[str], seeds: list[int], *, nega
         latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device, components.unet.dtype)
         out = pipe(chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                    num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                   latents=latents, generator=generators, output_type="pil")
-        images.extend(out.images)
+                   latents=latents, generator=generators, output_type="latent")
+        images.extend(decode(components, pipe, out.images))
         if progress:
             progress(len(chunk))
     return images
+
+
+@torch.no_grad()
+def decode(components: Components, pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> PIL images. A half-precision VAE that overflows (SDXL's in fp16) would give black images
+    silently; here it is noticed, the VAE is switched to fp32 with a warning, and the batch decoded again."""
+    import logging
+
+    vae = components.vae
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    x = latents / vae.config.scaling_factor + shift
+    image = vae.decode(x.to(vae.dtype)).sample
+    if not torch.isfinite(image).all():
+        if vae.dtype == torch.float32:
+            raise ConceptorError("the VAE decoded NaN/inf even in fp32: the sampled latents diverged; try fewer "
+                                 "--guidance or another --scheduler")
+        logging.getLogger("conceptor").warning(
+            "the VAE overflowed in %s while decoding; running it in fp32 from now on (or pass an fp16-fixed VAE)",
+            str(vae.dtype).replace("torch.", ""))
+        vae.to(torch.float32)
+        image = vae.decode(x.float()).sample
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")
