@@ -34,8 +34,23 @@ def resolve_model(cfg: ModelConfig) -> Components:
         log.warning("no --model given: using the bundled toy model (%s); pass --model "
                     "runwayml/stable-diffusion-v1-5 (or a folder/.safetensors) for a real one", bundled)
         name = str(bundled)
-    return load_components(name, model_config=cfg.model_config, family=cfg.family, revision=cfg.revision,
-                           variant=cfg.variant)
+    components = load_components(name, model_config=cfg.model_config, family=cfg.family, revision=cfg.revision,
+                                 variant=cfg.variant)
+    if cfg.vae:
+        components.vae = load_vae(cfg.vae)
+    return components
+
+
+def load_vae(where: str):
+    """An AutoencoderKL from a folder (or its parent with vae/) or a hub id, replacing the model's own."""
+    from diffusers import AutoencoderKL
+
+    p = Path(where)
+    sub = "vae" if (p / "vae" / "config.json").is_file() else None
+    try:
+        return AutoencoderKL.from_pretrained(where, subfolder=sub, local_files_only=p.exists())
+    except (OSError, ValueError) as e:
+        raise ConceptorError(f"could not load --vae {where}: {str(e).splitlines()[0]}") from None
 
 
 def train(cfg: RunConfig, components: Components | None = None):
@@ -132,11 +147,11 @@ class Model:
 
 def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, loras: Iterable[str | Path] = (),
          device: str | None = None, dtype: torch.dtype = torch.float32, model_config: str | None = None,
-         family: str | None = None) -> Model:
+         family: str | None = None, vae: str | None = None) -> Model:
     """Load a model (hub id, folder, .safetensors; None = bundled toy model), textual-inversion files and
     LoRAs (``FILE[:SCALE]``), so one prompt can use all of them."""
     parsed_loras = [parse_lora_arg(str(x)) for x in loras]  # a typo fails before the model loads
-    components = resolve_model(ModelConfig(model=model, model_config=model_config, family=family))
+    components = resolve_model(ModelConfig(model=model, model_config=model_config, family=family, vae=vae))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     for m in (*components.text_encoders, components.vae, components.unet):
         m.to(device, dtype=dtype).eval()

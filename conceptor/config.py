@@ -23,6 +23,7 @@ class ModelConfig:
     family: str | None = None  # sd1 | sd2: configs for a single file when there is no model_config
     revision: str | None = None
     variant: str | None = None
+    vae: str | None = None  # another VAE (folder or hub id), e.g. an fp16-fixed SDXL VAE
 
 
 @dataclass

@@ -135,3 +135,13 @@ def test_finetune_sdxl_with_buckets(tiny_sdxl, concept_images, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(str(result.output))
     original = load_components(str(tiny_sdxl))
     assert any(not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), original.unet.parameters()))
+
+
+def test_vae_override(tiny_sdxl, tiny_sd1, tmp_path, cli):
+    from conceptor.config import ModelConfig
+
+    c = api.resolve_model(ModelConfig(model=str(tiny_sdxl), vae=str(tiny_sd1)))  # a folder with vae/ inside
+    other = load_components(str(tiny_sd1)).vae
+    assert all(torch.equal(a, b) for a, b in zip(c.vae.parameters(), other.parameters()))
+    code, _, err = cli("generate", "--model", tiny_sdxl, "--vae", tmp_path / "nope", "--prompt", "x")
+    assert code == 2 and "could not load --vae" in err

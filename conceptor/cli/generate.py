@@ -7,6 +7,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors (default: bundled toy model)")
     p.add_argument("--model-config", metavar="DIR", help="configs for a single-file --model")
     p.add_argument("--family", choices=["sd1", "sd2"], help="family of a single-file --model")
+    p.add_argument("--vae", metavar="DIR|ID", help="use this VAE instead of the model's (e.g. an fp16-fixed one)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
@@ -31,7 +32,7 @@ def run(args) -> None:
     from .. import api
 
     model = api.load(args.model, args.embedding, model_config=args.model_config, family=args.family,
-                     loras=args.lora)
+                     loras=args.lora, vae=args.vae)
     with tqdm(total=args.num_images, desc="generating", unit="img") as bar:
         images = model.generate(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
                                 steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,

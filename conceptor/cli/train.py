@@ -7,7 +7,7 @@ from pathlib import Path
 # flag dest -> (config section, key). Flags default to None so a config file's value stands unless given.
 COMMON = {
     "model": ("model", "model"), "model_config": ("model", "model_config"), "family": ("model", "family"),
-    "revision": ("model", "revision"), "variant": ("model", "variant"),
+    "revision": ("model", "revision"), "variant": ("model", "variant"), "vae": ("model", "vae"),
     "images": ("data", "images"), "resolution": ("data", "resolution"), "center_crop": ("data", "center_crop"),
     "flip_p": ("data", "flip_p"), "repeats": ("data", "repeats"),
     "lr": ("optim", "lr"), "scale_lr": ("optim", "scale_lr"), "lr_scheduler": ("optim", "lr_scheduler"),
@@ -52,6 +52,7 @@ def add_common_flags(p: argparse.ArgumentParser, images: bool = True) -> None:
     _flag(g, "--family", choices=["sd1", "sd2"], help="model family of a single-file --model without --model-config")
     _flag(g, "--revision")
     _flag(g, "--variant", help="weights variant, e.g. fp16")
+    _flag(g, "--vae", metavar="DIR|ID", help="use this VAE instead of the model's (e.g. madebyollin/sdxl-vae-fp16-fix)")
     g = p.add_argument_group("data")
     if images:
         _flag(g, "--images", metavar="DIR", help="folder of training images (img.txt beside img.png = its caption)")
