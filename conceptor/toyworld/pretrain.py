@@ -35,7 +35,8 @@ from . import world as W
 RECIPE = {"seed": 0, "images": 20000, "vae_steps": 2500, "vae_batch": 16, "vae_lr": 1e-3, "kl_weight": 1e-6,
           "vae_from": "", "vae_init": "", "vae_schedule": "constant", "decoder_steps": 0,
           "unet_steps": 5000, "unet_batch": 32, "unet_lr": 4e-4, "warmup_steps": 200, "lr_schedule": "cosine",
-          "lr_floor": 0.1, "snr_gamma": 5.0, "ema": 0.999, "fresh_captions": 1, "caption_dropout": 0.1}
+          "lr_floor": 0.1, "snr_gamma": 5.0, "ema": 0.999, "fresh_captions": 1, "caption_dropout": 0.1,
+          "unet_init": ""}
 
 
 def build_models(vocab_size: int):
@@ -218,7 +219,18 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
         say("done")
         return
 
-    # UNet + text encoder from scratch, on cached latents, with caption dropout for guidance.
+    if recipe.get("unet_init"):
+        # Continue an earlier model (its saved, averaged weights) with a fresh schedule: a second cycle.
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(Path(recipe["unet_init"]) / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(Path(recipe["unet_init"]) / "text_encoder")
+        src = Path(recipe["unet_init"]) / "recipe.json"
+        recipe = {**recipe, "unet_init_recipe": json.loads(src.read_text()) if src.is_file() else None}
+        say(f"unet and text encoder continued from {recipe['unet_init']}")
+
+    # UNet + text encoder (from scratch unless continued), on cached latents, caption dropout for guidance.
     cache: dict[str, torch.Tensor] = {}
 
     def tokens(texts: list[str]) -> torch.Tensor:
