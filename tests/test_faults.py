@@ -98,3 +98,17 @@ def test_generation_notices_vae_overflow_instead_of_black_images(tiny_sd1, caplo
         image = np.asarray(model.generate("a photo of a toy", steps=2)[0])
     assert "overflowed" in caplog.text and vae.dtype == torch.float32
     assert np.abs(image.astype(int) - reference.astype(int)).max() <= 2  # the fp32 picture, not black
+
+
+def test_resume_refuses_a_code_pickle(tiny_sd1, concept_images, tmp_path, cli):
+    code, _, err = cli(*_ti(tiny_sd1, concept_images, tmp_path / "run", "--steps", "2"))
+    assert code == 0, err
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')",))
+
+    torch.save({"optimizer": Evil()}, tmp_path / "run" / "checkpoints" / "step-000002" / "optimizer.pt")
+    code, _, err = cli(*_ti(tiny_sd1, concept_images, tmp_path / "run", "--steps", "4", "--resume", "latest"))
+    assert code == 2 and "NOT" in err and "loaded" in err
+    assert not (tmp_path / "pwned").exists()

@@ -3,6 +3,7 @@ state and the step. Each folder appears atomically, so "latest" is always comple
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -58,6 +59,12 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         trained = load_file(str(path / "trained.safetensors"))
         # Our own file, but a checkpoint folder can come from anywhere: never unpickle code.
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise ConceptorError(f"{path / 'optimizer.pt'} holds code or objects, not just tensors; it was NOT "
+                                 "loaded (it could run that code). Resume from a checkpoint you made") from None
+        raise ConceptorError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it and resume from "
+                             "an earlier one") from None
     except Exception as e:  # a damaged checkpoint is the user's to delete, say which one
         raise ConceptorError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it and resume from "
                              "an earlier one") from None
