@@ -145,3 +145,27 @@ def test_vae_override(tiny_sdxl, tiny_sd1, tmp_path, cli):
     assert all(torch.equal(a, b) for a, b in zip(c.vae.parameters(), other.parameters()))
     code, _, err = cli("generate", "--model", tiny_sdxl, "--vae", tmp_path / "nope", "--prompt", "x")
     assert code == 2 and "could not load --vae" in err
+
+
+def test_single_file_round_trip_through_diffusers(tiny_sdxl, tmp_path):
+    """Our LDM-layout SDXL file, read back by diffusers' from_single_file (what A1111/ComfyUI layouts go
+    through), gives every weight back exactly; conceptor loads it as SDXL."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from conceptor.formats.ldm_checkpoint import save_single_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    path = save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, tmp_path / "xl.safetensors", "sdxl",
+                            text_encoder_2=pipe.text_encoder_2)
+    keys = load_file(str(path))
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.") for k in keys)
+    assert "conditioner.embedders.1.model.text_projection" in keys and any(k.startswith("model.diffusion_model.label_emb") for k in keys)
+    back = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny_sdxl), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
+        for k in a:
+            if k.endswith("position_ids"):
+                continue
+            assert torch.equal(a[k], b[k]), f"{name}.{k}"
+    c = load_components(str(path), model_config=str(tiny_sdxl))
+    assert c.family == "sdxl"

@@ -6,7 +6,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate images, optionally with learned embeddings")
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors (default: bundled toy model)")
     p.add_argument("--model-config", metavar="DIR", help="configs for a single-file --model")
-    p.add_argument("--family", choices=["sd1", "sd2"], help="family of a single-file --model")
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="family of a single-file --model")
     p.add_argument("--vae", metavar="DIR|ID", help="use this VAE instead of the model's (e.g. an fp16-fixed one)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")

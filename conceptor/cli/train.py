@@ -49,7 +49,7 @@ def add_common_flags(p: argparse.ArgumentParser, images: bool = True) -> None:
     g = p.add_argument_group("model")
     _flag(g, "--model", metavar="M", help="hub id, diffusers folder or .safetensors file (default: bundled toy model)")
     _flag(g, "--model-config", metavar="DIR", help="local diffusers folder with configs for a single-file --model")
-    _flag(g, "--family", choices=["sd1", "sd2"], help="model family of a single-file --model without --model-config")
+    _flag(g, "--family", choices=["sd1", "sd2", "sdxl"], help="model family of a single-file --model without --model-config")
     _flag(g, "--revision")
     _flag(g, "--variant", help="weights variant, e.g. fp16")
     _flag(g, "--vae", metavar="DIR|ID", help="use this VAE instead of the model's (e.g. madebyollin/sdxl-vae-fp16-fix)")

@@ -17,7 +17,7 @@ import torch
 from ..errors import ConceptorError
 from ..fileio import atomic_path
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
 Tensors = Mapping[str, torch.Tensor]
 
 # Inner names of a UNet resnet: diffusers ResnetBlock2D -> LDM ResBlock (nn.Sequential indices).
@@ -70,6 +70,8 @@ def _unet_table(sd: Tensors) -> list[tuple[str, str, dict | None]]:
     # then one down/upsampler slot (none after the last down level / last up level).
     layers = len(_indices(sd, "down_blocks.0.resnets."))
     table = [("time_embedding.linear_1.", "time_embed.0.", None), ("time_embedding.linear_2.", "time_embed.2.", None),
+             # SDXL's added conditioning (pooled text + size ids) -> its label embedding MLP
+             ("add_embedding.linear_1.", "label_emb.0.0.", None), ("add_embedding.linear_2.", "label_emb.0.2.", None),
              ("conv_in.", "input_blocks.0.0.", None), ("conv_norm_out.", "out.0.", None), ("conv_out.", "out.2.", None),
              ("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET),
              ("mid_block.attentions.0.", "middle_block.1.", None),
@@ -140,9 +142,11 @@ def clip_to_ldm(sd: Tensors) -> dict[str, torch.Tensor]:
     return {"cond_stage_model.transformer.text_model." + k: v for k, v in _strip_text_model(sd).items()}
 
 
-def open_clip_to_ldm(sd: Tensors) -> dict[str, torch.Tensor]:
-    """SD2: OpenCLIP names under ``cond_stage_model.model.``, q/k/v fused into ``attn.in_proj_*``."""
+def open_clip_to_ldm(sd: Tensors, prefix: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """SD2 / SDXL's second encoder: OpenCLIP names under ``prefix``, q/k/v fused into ``attn.in_proj_*``;
+    SDXL's projection is OpenCLIP's bare ``text_projection`` matrix ([hidden, proj], the Linear transposed)."""
     sd = _strip_text_model(sd)
+    projection = sd.pop("text_projection.weight", None)
     rows: list[tuple[str, str, dict | None]] = [
         ("embeddings.token_embedding.weight", "token_embedding.weight", None),
         ("embeddings.position_embedding.weight", "positional_embedding", None),  # a bare Parameter in OpenCLIP
@@ -162,15 +166,24 @@ def open_clip_to_ldm(sd: Tensors) -> dict[str, torch.Tensor]:
         last = f"transformer.resblocks.{layers[-1]}."
         for key in [k for k in out if k.startswith(last)]:
             out[f"transformer.resblocks.{_SD2_FULL_LAYERS - 1}." + key[len(last):]] = torch.zeros_like(out[key])
-    return {"cond_stage_model.model." + k: v for k, v in out.items()}
+    if projection is not None:
+        out["text_projection"] = projection.T.contiguous()
+    return {prefix + k: v for k, v in out.items()}
 
 
 def diffusers_to_ldm(unet_sd: Tensors, vae_sd: Tensors, text_encoder_sd: Tensors,
-                     family: str) -> dict[str, torch.Tensor]:
-    """Pure key mapping of the three diffusers state dicts into one LDM-layout state dict (same tensors)."""
+                     family: str, text_encoder_2_sd: Tensors | None = None) -> dict[str, torch.Tensor]:
+    """Pure key mapping of the diffusers state dicts into one LDM-layout state dict (same tensors)."""
     if family not in FAMILIES:
         raise ConceptorError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
-    text = clip_to_ldm(text_encoder_sd) if family == "sd1" else open_clip_to_ldm(text_encoder_sd)
+    if family == "sdxl":
+        if text_encoder_2_sd is None:
+            raise ConceptorError("an SDXL checkpoint needs both text encoders")
+        text = {"conditioner.embedders.0.transformer.text_model." + k: v
+                for k, v in _strip_text_model(text_encoder_sd).items()}
+        text.update(open_clip_to_ldm(text_encoder_2_sd, prefix="conditioner.embedders.1.model."))
+    else:
+        text = clip_to_ldm(text_encoder_sd) if family == "sd1" else open_clip_to_ldm(text_encoder_sd)
     return {**unet_to_ldm(unet_sd), **vae_to_ldm(vae_sd), **text}
 
 
@@ -179,7 +192,8 @@ def _state_dict(part) -> Tensors:
 
 
 def save_single_file(unet, vae, text_encoder, path: str | Path, family: str,
-                     dtype: torch.dtype | None = None, prediction_type: str = "epsilon") -> Path:
+                     dtype: torch.dtype | None = None, prediction_type: str = "epsilon",
+                     text_encoder_2=None) -> Path:
     """Write modules (or their state dicts) as one LDM ``.safetensors``, atomically; returns the path.
 
     ``dtype`` casts floating-point tensors (e.g. torch.float16 halves the file). Metadata records
@@ -187,7 +201,8 @@ def save_single_file(unet, vae, text_encoder, path: str | Path, family: str,
     """
     from safetensors.torch import save_file
 
-    sd = diffusers_to_ldm(_state_dict(unet), _state_dict(vae), _state_dict(text_encoder), family)
+    sd = diffusers_to_ldm(_state_dict(unet), _state_dict(vae), _state_dict(text_encoder), family,
+                          _state_dict(text_encoder_2) if text_encoder_2 is not None else None)
     # safetensors wants contiguous CPU tensors; no copy when they already are (a 2 GB model stays 2 GB).
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
           for k, v in sd.items()}
@@ -252,11 +267,16 @@ def ldm_yaml(unet_config: Mapping, vae_config: Mapping, family: str, prediction_
 
 
 def save_single_file_with_yaml(unet, vae, text_encoder, path: str | Path, family: str, prediction_type: str,
-                               scheduler_config: Mapping, dtype: torch.dtype | None = None) -> list[Path]:
-    """``save_single_file`` plus ``NAME.yaml`` beside it (see ldm_yaml); returns both paths."""
+                               scheduler_config: Mapping, dtype: torch.dtype | None = None,
+                               text_encoder_2=None) -> list[Path]:
+    """``save_single_file`` plus ``NAME.yaml`` beside it (see ldm_yaml); returns the paths. SDXL gets no
+    yaml: A1111 and ComfyUI recognise SDXL checkpoints by their keys."""
     from ..fileio import write_text
 
-    path = save_single_file(unet, vae, text_encoder, path, family, dtype, prediction_type=prediction_type)
+    path = save_single_file(unet, vae, text_encoder, path, family, dtype, prediction_type=prediction_type,
+                            text_encoder_2=text_encoder_2)
+    if family == "sdxl":
+        return [path]
     side = path.with_suffix(".yaml")
     write_text(side, ldm_yaml(unet.config, vae.config, family, prediction_type, scheduler_config))
     return [path, side]

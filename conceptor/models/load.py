@@ -15,11 +15,12 @@ import torch
 
 from ..errors import ConceptorError
 
-FAMILIES = ("sd1", "sd2")  # single files; SDXL folders and hub ids load too (detected by text_encoder_2)
+FAMILIES = ("sd1", "sd2", "sdxl")
 # Hub repos whose configs (and tokenizer) describe each family's single-file checkpoints.
 FAMILY_CONFIG_REPOS = {
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -162,7 +163,7 @@ def _has_part(where: str, part: str, common: dict) -> bool:
 
 def _load_single_file(path: Path, model_config: str | None, family: str | None,
                       dtype: torch.dtype) -> Components:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if path.suffix.lower() == ".ckpt":
         # from_single_file would unpickle it; we only ever read pickles with weights_only=True.
@@ -176,14 +177,19 @@ def _load_single_file(path: Path, model_config: str | None, family: str | None,
             raise ConceptorError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
         model_config = FAMILY_CONFIG_REPOS[family]
     local = Path(model_config).is_dir()
+    xl = family == "sdxl" or (local and (Path(model_config) / "text_encoder_2").is_dir()) or (
+        not local and model_config == FAMILY_CONFIG_REPOS["sdxl"])
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    extra = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
+        pipe = cls.from_single_file(
             str(path), config=model_config, local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1",
-            torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            torch_dtype=dtype, **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ConceptorError(f"could not load checkpoint {path.name} with configs from {model_config}: "
                              f"{str(e).splitlines()[0]}") from None
-    return _assemble(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, dict(pipe.scheduler.config), str(path))
+    return _assemble(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, dict(pipe.scheduler.config), str(path),
+                     getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))
 
 
 def _assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict, source: str, tokenizer_2=None,

@@ -25,11 +25,8 @@ def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trai
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..errors import ConceptorError
     from ..sampling.pipeline import make_scheduler
 
-    if single_file and c.is_sdxl:
-        raise ConceptorError("--save-single-file is not available for SDXL yet; the diffusers folder is written")
     vae, te, te2 = c.vae, c.text_encoder, c.text_encoder_2
     if vae.dtype != torch.float32 or (not text_trained and te.dtype != torch.float32):
         from ..api import resolve_model
@@ -66,5 +63,5 @@ def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trai
         from ..formats.ldm_checkpoint import save_single_file_with_yaml
 
         written += save_single_file_with_yaml(c.unet, vae, te, folder / "model.safetensors", c.family,
-                                              c.prediction_type, c.scheduler_config)
+                                              c.prediction_type, c.scheduler_config, text_encoder_2=te2)
     return written
