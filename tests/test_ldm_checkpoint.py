@@ -105,8 +105,8 @@ def test_fp16_export_and_pure_conversion(sd1, tmp_path):
     assert torch.equal(full["model.diffusion_model.out.2.weight"], pipe.unet.conv_out.weight)  # same tensors
     with pytest.raises(ConceptorError, match="family"):
         diffusers_to_ldm(*sds, "sd3")
-    with pytest.raises(ConceptorError, match="add_embedding"):  # unknown keys are refused, never dropped
-        diffusers_to_ldm({**sds[0], "add_embedding.linear_1.weight": torch.zeros(1)}, sds[1], sds[2], "sd1")
+    with pytest.raises(ConceptorError, match="foo_embedding"):  # unknown keys are refused, never dropped
+        diffusers_to_ldm({**sds[0], "foo_embedding.linear_1.weight": torch.zeros(1)}, sds[1], sds[2], "sd1")
 
 
 def test_sd2_23_layer_encoder_gets_identity_24th_block():
