@@ -4,7 +4,7 @@
                                [--batch-size 1] [--steps 20] [--warmup 5] [--mixed-precision bf16]
 
 `sd15` builds a full-size SD 1.5-architecture model from its config with random weights (speed and memory
-do not depend on weight values; nothing is downloaded) at 512 px: a GPU job. `bundled` is the toy-world
+do not depend on weight values; nothing is downloaded) at 512 px, `sdxl` SDXL base's at 1024 px: GPU jobs. `bundled` is the toy-world
 model on the CPU. Each variant runs in its own subprocess, so peak memory (torch.cuda.max_memory_allocated
 on a GPU, peak RSS on the CPU) is its own. Warm-up steps are excluded from the step time.
 """
@@ -62,6 +62,41 @@ def sd15_components(device: str):
                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
                  "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "prediction_type": "epsilon"}
     return _assemble(tokenizer, te, vae, unet, scheduler, "sd15-architecture (random weights)")
+
+
+def sdxl_components(device: str):
+    """SDXL base's architecture (UNet 2.6B, CLIP-L + OpenCLIP-bigG) from configs, random weights."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from conceptor.models.load import _assemble
+    from conceptor.models.tiny import write_clip_tokenizer
+
+    tok_dir = Path(tempfile.mkdtemp())
+    write_clip_tokenizer(tok_dir / "t1")
+    write_clip_tokenizer(tok_dir / "t2")
+    with torch.device(device):
+        te1 = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                           num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                                                         num_hidden_layers=32, num_attention_heads=20,
+                                                         hidden_act="gelu", projection_dim=1280))
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+    scheduler = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                 "prediction_type": "epsilon", "timestep_spacing": "leading"}
+    return _assemble(CLIPTokenizer.from_pretrained(str(tok_dir / "t1")), te1, vae, unet, scheduler,
+                     "sdxl-architecture (random weights)", CLIPTokenizer.from_pretrained(str(tok_dir / "t2")), te2)
 
 
 def images(folder: Path, size: int, n: int = 4) -> str:
@@ -134,6 +169,8 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
     work = Path(tempfile.mkdtemp())
     if size == "sd15":
         components, resolution = sd15_components("cuda" if cuda else "cpu"), 512
+    elif size == "sdxl":
+        components, resolution = sdxl_components("cuda" if cuda else "cpu"), 1024
     elif size == "bundled":
         components, resolution = load_components(str(api.bundled_model_path())), 64
     else:
@@ -164,7 +201,7 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["sd15", "bundled", "tiny"], default="bundled")
+    ap.add_argument("--size", choices=["sd15", "sdxl", "bundled", "tiny"], default="bundled")
     ap.add_argument("--variants", default="ti,db-full,db-8bit-ckpt,lora",
                     help="any of " + ",".join(VARIANTS) + ",ref-ti,ref-db-prior (ref-* = the seeds' recipe)")
     ap.add_argument("--batch-size", type=int, default=1)
