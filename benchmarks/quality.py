@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DEFAULT_CONCEPTS = "orange-crescent,green-hexagram,blue-crescent,pink-hexagram"
+DEFAULT_CONCEPTS = "pink-heart,orange-crescent,green-hexagram,red-star"
 
 
 def concept_images(shape: str, color: str, folder: Path) -> Path:
@@ -39,6 +39,7 @@ def run_concept(shape: str, color: str, work: Path, steps: int, every: int, lr: 
     from conceptor import api
     from conceptor.config import build_config
     from conceptor.eval.concept import evaluate
+    from conceptor.toyworld.concept import TEMPLATES
     from conceptor.toyworld.evaluator import load_evaluator
     from conceptor.training.metrics import read_metrics
 
@@ -47,8 +48,8 @@ def run_concept(shape: str, color: str, work: Path, steps: int, every: int, lr: 
     cfg = build_config("textual-inversion", None, {
         "data": {"images": str(images)}, "optim": {"lr": lr},
         "train": {"output": str(out), "steps": steps, "batch_size": batch, "checkpoint_every": every,
-                  "log_every": 1, "overwrite": True},
-        "textual_inversion": {"token": "<c>", "init_token": "object"}})
+                  "log_every": 1, "overwrite": True, "snr_gamma": 5.0},
+        "textual_inversion": {"token": "<c>", "init_token": "object", "templates": str(TEMPLATES)}})
     api.train(cfg)
     elapsed = {r["step"]: r["elapsed_s"] for r in read_metrics(out / "metrics.jsonl")}
     evaluator = load_evaluator()

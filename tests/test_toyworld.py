@@ -122,20 +122,21 @@ def test_evaluator_ships_and_reads_fresh_renders():
 
 
 def test_bundled_model_ti_raises_fidelity(tmp_path):
-    """The shipped model loads offline, and a short textual inversion on the shipped concept (an unnamed
-    shape the model draws but has no word for) makes "a photo of a <concept>" draw it far more often."""
+    """The shipped model loads offline, and a short textual inversion on the shipped concept, starting from
+    the word "object", makes "a photo of a <concept>" draw that shape in that colour far more often."""
     from conceptor import api
     from conceptor.config import build_config
     from conceptor.eval.concept import fidelity
-    from conceptor.toyworld.concept import COLOR, FOLDER, SHAPE
+    from conceptor.toyworld.concept import COLOR, FOLDER, SHAPE, TEMPLATES
     from conceptor.toyworld.evaluator import load_evaluator
 
     model = api.bundled_model_path()
     assert model is not None, "the bundled toy model is missing from the package"
     cfg = build_config("textual-inversion", None, {
         "data": {"images": str(FOLDER)}, "optim": {"lr": 5e-3},
-        "train": {"output": str(tmp_path / "run"), "steps": TI_STEPS, "batch_size": 4, "checkpoint_every": 0},
-        "textual_inversion": {"token": "<c>", "init_token": "object"}})
+        "train": {"output": str(tmp_path / "run"), "steps": TI_STEPS, "batch_size": 4, "checkpoint_every": 0,
+                  "snr_gamma": 5.0},
+        "textual_inversion": {"token": "<c>", "init_token": "object", "templates": str(TEMPLATES)}})
     result = api.train(cfg)
     evaluator = load_evaluator()
     before = api.load(None).generate("a photo of a object", num_images=12, steps=15, seed=0)
