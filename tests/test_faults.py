@@ -112,3 +112,16 @@ def test_resume_refuses_a_code_pickle(tiny_sd1, concept_images, tmp_path, cli):
     code, _, err = cli(*_ti(tiny_sd1, concept_images, tmp_path / "run", "--steps", "4", "--resume", "latest"))
     assert code == 2 and "NOT" in err and "loaded" in err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_at_the_last_step_rewrites_the_outputs(tiny_sd1, concept_images, tmp_path, cli):
+    """A run killed after its last checkpoint but before its outputs were written finishes on --resume."""
+    code, _, err = cli(*_ti(tiny_sd1, concept_images, tmp_path / "run", "--steps", "2"))
+    assert code == 0, err
+    want = load_file(str(tmp_path / "run" / "learned_embeds.safetensors"))["<t>"]
+    (tmp_path / "run" / "learned_embeds.safetensors").unlink()
+    code, _, err = cli(*_ti(tiny_sd1, concept_images, tmp_path / "run", "--steps", "2", "--resume", "latest"))
+    assert code == 0, err
+    assert torch.equal(load_file(str(tmp_path / "run" / "learned_embeds.safetensors"))["<t>"], want)
+    code, _, err = cli(*_ti(tiny_sd1, concept_images, tmp_path / "run", "--steps", "1", "--resume", "latest"))
+    assert code == 2 and "already at step 2" in err

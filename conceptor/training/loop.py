@@ -179,10 +179,13 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
         if state.get("grad_accum", t.grad_accum) != t.grad_accum or state.get("batch_size", t.batch_size) != t.batch_size:
             log.warning("resuming with a different --batch-size/--grad-accum than the checkpoint; the data "
                         "order from here on differs from an uninterrupted run")
-        if start >= t.steps:
+        if start > t.steps:
             raise ConceptorError(f"checkpoint {resume_from.name} is already at step {start}; pass --steps larger "
                                  f"than {start} to train further")
-        log.info("resuming from %s at step %d", resume_from, start)
+        if start == t.steps:  # trained to the end but perhaps killed while writing outputs: write them again
+            log.info("%s is the last step; writing the final outputs from it", resume_from)
+        else:
+            log.info("resuming from %s at step %d", resume_from, start)
     metrics_path = output / "metrics.jsonl"
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, start)
