@@ -2,13 +2,15 @@
 
     python benchmarks/finetune_quality.py [--images 400] [--steps 600] [--batch-size 16] [--lr 1e-4]
 
-The "new style" is a palette the world never had: every picture on a plain mint background. The dataset
-(metadata.jsonl + PNGs, the Hugging Face imagefolder layout) has captions that never mention the
-background ("a photo of a red star"), exactly as a style dataset would. It excludes the held-out
-shape/colour pairs; the measure prompts are those held-out pairs, so the style must generalise.
+The "new style" is a house look: every picture on a black striped background, while the captions never
+mention the background ("a photo of a red star"), exactly as a style dataset would; the base model draws
+one of twelve backgrounds for such prompts. (A colour the world never had, e.g. mint, is not usable: the
+toy VAE, trained on this world only, decodes unknown background colours as the nearest known one, so no
+UNet could draw them.) The dataset (metadata.jsonl + PNGs, the Hugging Face imagefolder layout) excludes
+the held-out shape/colour pairs; the measure prompts are those held-out pairs, so the style must generalise.
 
-Style adoption: fraction of generated images whose four corners are within 40 (RGB distance) of mint.
-Shape and colour accuracy: the toy-world evaluator. Both for the base model and the fine-tuned one.
+Style adoption: fraction of generated images the toy-world evaluator reads as black + striped background.
+Shape and colour accuracy: the same evaluator. Both for the base model and the fine-tuned one.
 """
 from __future__ import annotations
 
@@ -22,33 +24,26 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-MINT = (160, 230, 200)
+STYLE = ("black", "striped")
 CAPTIONS = ("a photo of a {c} {s}", "a {c} {s}", "a drawing of a {c} {s}", "a picture of a {size} {c} {s}")
 
 
 def write_dataset(folder: Path, n: int, seed: int = 0) -> Path:
+    from dataclasses import replace
+
     from conceptor.toyworld import world as W
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     lines = []
     for i in range(n):
-        spec = W.random_spec(rng, shapes=W.NAMED_SHAPES)
-        W.render(spec, background_rgb=MINT).save(folder / f"{i:04d}.png")
+        spec = replace(W.random_spec(rng, shapes=W.NAMED_SHAPES), background=STYLE[0], pattern=STYLE[1])
+        W.render(spec).save(folder / f"{i:04d}.png")
         size = "small" if spec.scale < 0.28 else "large" if spec.scale > 0.32 else "medium"
         text = rng.choice(CAPTIONS).format(c=spec.color, s=spec.shape, size=size)
         lines.append(json.dumps({"file_name": f"{i:04d}.png", "text": text}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
-
-
-def in_style(image) -> bool:
-    import numpy as np
-
-    a = np.asarray(image.convert("RGB"), dtype=np.float32)
-    k = max(2, a.shape[0] // 10)
-    corners = [a[:k, :k], a[:k, -k:], a[-k:, :k], a[-k:, -k:]]
-    return all(np.linalg.norm(c.reshape(-1, 3).mean(0) - np.array(MINT)) < 40 for c in corners)
 
 
 def measure(model_dir: str | None, lora: str | None, per_prompt: int, steps: int = 25) -> dict:
@@ -63,7 +58,7 @@ def measure(model_dir: str | None, lora: str | None, per_prompt: int, steps: int
     for i, (shape, color) in enumerate(sorted(W.HELDOUT_COMBOS)):
         images = model.generate(f"a photo of a {color} {shape}", num_images=per_prompt, seed=100 * i, steps=steps)
         p = evaluator.predict(images)
-        hits["style"] += sum(in_style(im) for im in images)
+        hits["style"] += sum(b == STYLE[0] and q == STYLE[1] for b, q in zip(p.background, p.pattern))
         hits["shape"] += sum(x == shape for x in p.shape)
         hits["color"] += sum(x == color for x in p.color)
         total += len(images)
@@ -89,7 +84,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp())
-    data = write_dataset(work / "mint-style", args.images)
+    data = write_dataset(work / "style", args.images)
     base = measure(None, None, args.per_prompt)
     cfg = build_config("finetune", None, {
         "optim": {"lr": args.lr}, "train": {"output": str(work / "run"), "steps": args.steps,
@@ -102,7 +97,7 @@ def main() -> None:
     train_s = time.time() - t0
     tuned = measure(None, str(work / "run"), args.per_prompt) if args.lora else measure(str(work / "run"), None,
                                                                                         args.per_prompt)
-    print(f"\n{args.images} mint-style images, {args.steps} steps x batch {args.batch_size}, lr {args.lr}"
+    print(f"\n{args.images} black-striped-style images, {args.steps} steps x batch {args.batch_size}, lr {args.lr}"
           f"{', LoRA r8' if args.lora else ', full UNet'}; training {train_s:.0f} s; {platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| model | style adopted | shape | colour | images |\n|---|---|---|---|---|")

@@ -25,9 +25,9 @@ def run_reference(model_dir: str, instance: list[str], classes: list[str], steps
     torch.manual_seed(seed)
     random.seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     for m in (vae, text_encoder, unet):
         m.to(device)

@@ -147,7 +147,8 @@ def reference(variant: str, size: str, batch: int, steps: int, warmup: int) -> d
     else:
         from reference_ti import run_reference
 
-        times = run_reference(str(folder), inst, "<c>", "toy", steps + warmup, batch, resolution)[warmup:]
+        init = "object" if size == "bundled" else "toy"
+        times = run_reference(str(folder), inst, "<c>", init, steps + warmup, batch, resolution)[warmup:]
         samples = batch
     step = sum(times) / len(times)
     return {"variant": variant, "step_ms": 1000 * step, "samples_per_s": samples / step,
@@ -178,6 +179,8 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
 
         components, resolution = load_components(str(build_tiny_pipeline_folder(work / "m", "sd1"))), 32
     method, section, extra = VARIANTS[variant]
+    if size == "bundled" and method == "textual-inversion":
+        section = {**section, "init_token": "object"}  # the toy vocabulary has no "toy"
     optim = {"use_8bit_adam": extra.pop("use_8bit_adam", False)}
     key = "textual_inversion" if method == "textual-inversion" else "dreambooth"
     cfg = build_config(method, None, {
