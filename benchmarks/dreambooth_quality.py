@@ -28,6 +28,8 @@ VARIANTS = {  # name -> (dreambooth section, lr)
     "full-no-prior": ({}, 1e-4),
     "lora+prior": ({"class_prompt": CLASS, "lora": True, "rank": 8}, 1e-3),
     "lora-no-prior": ({"lora": True, "rank": 8}, 1e-3),
+    "full+prior-lr3e-4": ({"class_prompt": CLASS}, 3e-4),
+    "lora16+prior-lr5e-3": ({"class_prompt": CLASS, "lora": True, "rank": 16}, 5e-3),
 }
 
 
