@@ -49,5 +49,5 @@ def fit(image: Image.Image, size: tuple[int, int], crop: str = "center", rng: ra
         rng = rng or random.Random(0)
         left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
     else:
-        left, top = (nw - bw) // 2, (nh - bh) // 2
+        top, left = center_crop_offset((w, h), size)
     return image.crop((left, top, left + bw, top + bh)), (top, left)

@@ -31,6 +31,7 @@ class Example:
     path: Path | None = None  # a file on disk, or
     data: bytes | None = None  # the encoded image itself (datasets rows)
     where: str = ""  # "row 12 of x.csv" / the file name: what a user looks for when a row is bad
+    size: tuple[int, int] | None = None  # (width, height), recorded when the row is checked
 
     def image(self) -> Image.Image:
         if self.path is not None:
@@ -77,7 +78,7 @@ def _check(rows: list[Example], source: str, skip_bad: bool) -> list[Example]:
             problem = f"image {ex.path} does not exist"
         else:
             try:
-                ex.image()
+                ex.size = ex.image().size
             except ConceptorError as e:
                 problem = str(e)
         (bad if problem else good).append((ex, problem))

@@ -47,6 +47,12 @@ def encode_latent_stats(vae, pixels: torch.Tensor, batch_size: int = 8, desc: st
     return torch.cat(means), torch.cat(stds)
 
 
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the UNet's space: (z - shift) * scaling_factor, as the model was trained."""
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return (z - shift) * float(vae.config.scaling_factor)
+
+
 class LatentSet:
     """Posteriors of ``n`` images, and of their mirror images when flips are on."""
 
@@ -57,8 +63,7 @@ class LatentSet:
         mean, std = encode_latent_stats(components.vae, pixels, desc=desc)
         self.mean = mean.view(-1, self.n, *mean.shape[1:])  # [1 or 2 (flipped), n, C, h, w]
         self.std = std.view(-1, self.n, *std.shape[1:])
-        self.scaling = float(components.vae.config.scaling_factor)
-        self.shift = float(getattr(components.vae.config, "shift_factor", None) or 0.0)
+        self.vae = components.vae
 
     def sample(self, index: list[int], flip_p: float, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of images ``index``, each flipped with probability ``flip_p``."""
@@ -68,7 +73,7 @@ class LatentSet:
         idx = torch.tensor(index)
         mean, std = self.mean[flips, idx], self.std[flips, idx]
         eps = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return ((mean + std * eps) - self.shift) * self.scaling
+        return scale_latents(self.vae, mean + std * eps)
 
 
 def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.Tensor, train: TrainConfig,

@@ -27,7 +27,7 @@ from ..models.adapters import UNET_LORA_TARGETS, add_lora, load_trained_state, t
 from ..models.load import Components
 from ..models.save import save_pipeline
 from ..models.text import encode, token_ids
-from .denoise import denoising_loss, encode_posterior
+from .denoise import denoising_loss, encode_posterior, scale_latents
 
 log = logging.getLogger("conceptor")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -43,7 +43,7 @@ class Finetune:
         examples = load_examples(ft.dataset, ft.image_column, ft.caption_column, ft.skip_bad)
         resolution = cfg.data.resolution or components.default_resolution
         step = 64 if resolution >= 256 else 8  # bucket sides: multiples of the VAE factor x 8 on real models
-        originals = [ex.image().size for ex in examples] if (ft.buckets or components.is_sdxl) else None
+        originals = [ex.size for ex in examples] if (ft.buckets or components.is_sdxl) else None
         if ft.buckets:
             buckets = make_buckets(resolution, ft.min_res or resolution // 2, ft.max_res or resolution * 2, step)
             sizes = [nearest_bucket(size, buckets) for size in originals]
@@ -150,9 +150,7 @@ class Finetune:
             x = torch.where(torch.tensor([flips[j] for j in mine]).view(-1, 1, 1, 1), x.flip(-1), x)
             mean, std = encode_posterior(self.c.vae, x)
         eps = torch.randn((n, *mean.shape[1:]), generator=generator)[start:start + len(mine)]
-        vae_cfg = self.c.vae.config
-        shift = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
-        latents = ((mean + std * eps) - shift) * float(vae_cfg.scaling_factor)
+        latents = scale_latents(self.c.vae, mean + std * eps)
         text = [self.empty if drop[j] else self.hidden[idx[j]] for j in mine]
         hidden = torch.stack([t["hidden"] for t in text]).to(self.device)
         added = None

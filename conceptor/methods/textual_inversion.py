@@ -59,8 +59,7 @@ class TextualInversion:
         for tok, te, init_id in zip(components.tokenizers, components.text_encoders, init_ids):
             init = te.get_input_embeddings().weight[init_id].detach().float()
             self.embeddings.append(add_tokens(tok, te, ti.token, init.repeat(ti.vectors, 1)))
-        self.embedding = self.embeddings[0]
-        self.first_trained_row = self.embedding.new.shape[0] - ti.vectors
+        self.first_trained_row = self.embeddings[0].new.shape[0] - ti.vectors
         self._ids_cache: dict[str, list[torch.Tensor]] = {}
         log.info("textual inversion: %d image(s) at %dpx, token %s x%d vector(s) initialised from %r%s",
                  n, resolution, ti.token, ti.vectors, ti.init_token,

@@ -143,11 +143,9 @@ def _background(spec: Spec, size: int) -> Image.Image:
     return im
 
 
-def render(spec: Spec, size: int = SIZE, background_rgb: tuple[int, int, int] | None = None) -> Image.Image:
-    """The image of ``spec``; ``background_rgb`` paints a plain background of a colour outside the world
-    (a "new style" for fine-tuning benchmarks) instead of the spec's own."""
+def render(spec: Spec, size: int = SIZE) -> Image.Image:
     big = size * _SS
-    im = Image.new("RGB", (big, big), background_rgb) if background_rgb else _background(spec, big)
+    im = _background(spec, big)
     im.paste(Image.new("RGB", (big, big), COLORS[spec.color]), mask=_mask(spec, big))
     return im.resize((size, size), Image.BOX)
 

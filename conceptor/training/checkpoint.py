@@ -3,7 +3,6 @@ state and the step. Each folder appears atomically, so "latest" is always comple
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ConceptorError
 from ..fileio import atomic_dir
+from ..formats.safe_load import load_tensors
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -54,17 +54,11 @@ def resolve_resume(output: Path, resume: str) -> Path | None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(trained tensors, optimizer/scheduler states, state.json) of a checkpoint folder."""
+    # Our own file, but a checkpoint folder can come from anywhere: a code pickle is refused, never run.
+    opt, _ = load_tensors(path / "optimizer.pt")
     try:
         state = json.loads((path / "state.json").read_text())
         trained = load_file(str(path / "trained.safetensors"))
-        # Our own file, but a checkpoint folder can come from anywhere: never unpickle code.
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise ConceptorError(f"{path / 'optimizer.pt'} holds code or objects, not just tensors; it was NOT "
-                                 "loaded (it could run that code). Resume from a checkpoint you made") from None
-        raise ConceptorError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it and resume from "
-                             "an earlier one") from None
     except Exception as e:  # a damaged checkpoint is the user's to delete, say which one
         raise ConceptorError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it and resume from "
                              "an earlier one") from None

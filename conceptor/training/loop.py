@@ -137,7 +137,7 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
         raise ConceptorError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     weight_dtype = DTYPES[t.mixed_precision]
     if cfg.optim.use_8bit_adam:  # before any model work: a missing dependency should cost nothing
-        make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1, device=device))], "lr": 1.0}], cfg, device)
+        _bitsandbytes(device)
     components.frozen()
     for module in (*components.text_encoders, components.vae, components.unet):
         module.to(device, dtype=weight_dtype)  # frozen weights in low precision; trainables stay fp32
@@ -294,17 +294,21 @@ def _param_groups(setup_result: list, cfg: RunConfig, processes: int) -> list[di
     return [{**g, "params": list(g["params"]), "lr": g.get("lr", cfg.optim.lr) * scale} for g in groups]
 
 
+def _bitsandbytes(device: torch.device):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConceptorError("--use-8bit-adam needs bitsandbytes and a CUDA GPU: pip install bitsandbytes") from None
+    if device.type != "cuda":
+        raise ConceptorError("--use-8bit-adam needs a CUDA GPU; drop it on the CPU")
+    return bnb
+
+
 def make_optimizer(groups: list[dict], cfg: RunConfig, device: torch.device):
     o = cfg.optim
     kwargs = dict(betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon)
     if o.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConceptorError("--use-8bit-adam needs bitsandbytes and a CUDA GPU: pip install bitsandbytes") from None
-        if device.type != "cuda":
-            raise ConceptorError("--use-8bit-adam needs a CUDA GPU; drop it on the CPU")
-        return bnb.optim.AdamW8bit(groups, **kwargs)
+        return _bitsandbytes(device).optim.AdamW8bit(groups, **kwargs)
     # One fused kernel for all parameters on a GPU instead of a loop of small ones.
     return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
 
