@@ -16,7 +16,7 @@ from PIL import Image
 
 
 def run_reference(model_dir: str, images: list[str], token: str, init_token: str, steps: int, batch_size: int,
-                  resolution: int, lr: float = 5e-4, seed: int = 0) -> list[float]:
+                  resolution: int, lr: float = 5e-4, seed: int = 0, device: str = "cpu") -> list[float]:
     """Train for ``steps`` and return the wall time of each step (seconds)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -28,6 +28,8 @@ def run_reference(model_dir: str, images: list[str], token: str, init_token: str
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    for m in (text_encoder, vae, unet):
+        m.to(device)
 
     tokenizer.add_tokens([token])
     init_id = tokenizer.encode(init_token, add_special_tokens=False)[0]
@@ -43,7 +45,7 @@ def run_reference(model_dir: str, images: list[str], token: str, init_token: str
     inner.embeddings.position_embedding.requires_grad_(False)
     optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=lr, weight_decay=1e-2)
     orig = text_encoder.get_input_embeddings().weight.data.clone()
-    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep = torch.ones(len(tokenizer), dtype=torch.bool, device=device)
     keep[token_id] = False
     templates = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}"]
 
@@ -61,11 +63,11 @@ def run_reference(model_dir: str, images: list[str], token: str, init_token: str
     for step in range(steps):
         t0 = time.perf_counter()
         batch = [example(step * batch_size + j) for j in range(batch_size)]
-        pixels = torch.stack([b[0] for b in batch])
-        ids = torch.stack([b[1] for b in batch])
+        pixels = torch.stack([b[0] for b in batch]).to(device)
+        ids = torch.stack([b[1] for b in batch]).to(device)
         latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,))
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), device=device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         hidden = text_encoder(ids)[0]
         pred = unet(noisy, t, hidden).sample
@@ -75,5 +77,7 @@ def run_reference(model_dir: str, images: list[str], token: str, init_token: str
         optimizer.zero_grad()
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight[keep] = orig[keep]
+        if device != "cpu":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times

@@ -1,6 +1,6 @@
 """Step time, samples/s and peak memory of each training method, through the real `conceptor.train`.
 
-    python benchmarks/speed.py [--size sd15|bundled|tiny] [--variants ti,db-full,db-8bit-ckpt,lora]
+    python benchmarks/speed.py [--size sd15|sdxl|bundled|tiny] [--variants ti,db-full,db-8bit-ckpt,lora,ft]
                                [--batch-size 1] [--steps 20] [--warmup 5] [--mixed-precision bf16]
 
 `sd15` builds a full-size SD 1.5-architecture model from its config with random weights (speed and memory
@@ -33,6 +33,9 @@ VARIANTS = {  # name -> (method, method section, extra train/optim settings)
     "lora": ("dreambooth", {"instance_prompt": "a photo of sks toy", "lora": True, "rank": 4}, {}),
     "ti-compile": ("textual-inversion", {"token": "<c>", "init_token": "toy"}, {"compile": True}),
     "db-compile": ("dreambooth", {"instance_prompt": "a photo of sks toy"}, {"compile": True}),
+    "ft": ("finetune", {}, {}),  # full fine-tune on captioned images, latents and text embeddings cached
+    "ft-8bit-ckpt": ("finetune", {}, {"gradient_checkpointing": True, "use_8bit_adam": True}),
+    "ft-compile": ("finetune", {}, {"compile": True}),
 }
 
 
@@ -99,7 +102,7 @@ def sdxl_components(device: str):
                      "sdxl-architecture (random weights)", CLIPTokenizer.from_pretrained(str(tok_dir / "t2")), te2)
 
 
-def images(folder: Path, size: int, n: int = 4) -> str:
+def images(folder: Path, size: int, n: int = 4, captions: bool = False) -> str:
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,6 +110,8 @@ def images(folder: Path, size: int, n: int = 4) -> str:
         im = Image.new("RGB", (size, size), (40, 70, 200))
         ImageDraw.Draw(im).ellipse([size // 6 + i, size // 5, 5 * size // 6, 4 * size // 5 - i], fill=(245, 205, 30))
         im.save(folder / f"{i}.png")
+        if captions:  # sidecar captions: a fine-tuning dataset
+            (folder / f"{i}.txt").write_text(f"a photo of a yellow circle number {i} on a blue background")
     return str(folder)
 
 
@@ -148,7 +153,8 @@ def reference(variant: str, size: str, batch: int, steps: int, warmup: int) -> d
         from reference_ti import run_reference
 
         init = "object" if size == "bundled" else "toy"
-        times = run_reference(str(folder), inst, "<c>", init, steps + warmup, batch, resolution)[warmup:]
+        times = run_reference(str(folder), inst, "<c>", init, steps + warmup, batch, resolution,
+                              device="cuda" if cuda else "cpu")[warmup:]
         samples = batch
     step = sum(times) / len(times)
     return {"variant": variant, "step_ms": 1000 * step, "samples_per_s": samples / step,
@@ -182,9 +188,12 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
     if size == "bundled" and method == "textual-inversion":
         section = {**section, "init_token": "object"}  # the toy vocabulary has no "toy"
     optim = {"use_8bit_adam": extra.pop("use_8bit_adam", False)}
-    key = "textual_inversion" if method == "textual-inversion" else "dreambooth"
+    key = method.replace("-", "_")
+    folder = images(work / "img", resolution, n=max(4, 2 * batch), captions=method == "finetune")
+    if method == "finetune":
+        section = {"dataset": folder, "cache_dir": str(work / "cache")}
     cfg = build_config(method, None, {
-        "data": {"images": images(work / "img", resolution), "resolution": resolution}, "optim": optim,
+        "data": {"images": folder, "resolution": resolution}, "optim": optim,
         "train": {"output": str(work / "run"), "steps": steps + warmup, "batch_size": batch, "log_every": 1,
                   "checkpoint_every": 0, "mixed_precision": precision, **extra},
         key: section})
@@ -205,7 +214,7 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["sd15", "sdxl", "bundled", "tiny"], default="bundled")
-    ap.add_argument("--variants", default="ti,db-full,db-8bit-ckpt,lora",
+    ap.add_argument("--variants", default="ti,db-full,db-8bit-ckpt,lora,ft",
                     help="any of " + ",".join(VARIANTS) + ",ref-ti,ref-db-prior (ref-* = the seeds' recipe)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
@@ -228,6 +237,7 @@ def main() -> None:
                                str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
                                "--mixed-precision", args.mixed_precision], capture_output=True, text=True)
         if proc.returncode != 0:
+            sys.stderr.write(f"--- {variant} failed:\n{proc.stderr[-4000:]}\n")
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
             print(f"| {variant} | failed: {tail[:120]} | | | |", flush=True)
             continue

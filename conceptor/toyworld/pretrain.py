@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import tempfile
 import time
@@ -36,7 +37,7 @@ RECIPE = {"seed": 0, "images": 20000, "vae_steps": 2500, "vae_batch": 16, "vae_l
           "vae_from": "", "vae_init": "", "vae_schedule": "constant", "decoder_steps": 0,
           "unet_steps": 5000, "unet_batch": 32, "unet_lr": 4e-4, "warmup_steps": 200, "lr_schedule": "cosine",
           "lr_floor": 0.1, "snr_gamma": 5.0, "ema": 0.999, "fresh_captions": 1, "caption_dropout": 0.1,
-          "unet_init": ""}
+          "unet_init": "", "device": "cpu"}
 
 
 def build_models(vocab_size: int):
@@ -91,8 +92,19 @@ def finetune_decoder(vae, steps: int, batch: int = 16, lr: float = 5e-4, seed: i
     vae.eval().requires_grad_(False)
 
 
-def render_batch(specs) -> torch.Tensor:
-    arr = np.stack([np.asarray(W.render(s), dtype=np.float32) for s in specs]) / 127.5 - 1.0
+def _render_uint8(spec) -> np.ndarray:
+    return np.asarray(W.render(spec))
+
+
+def render_batch(specs, processes: int = 1) -> torch.Tensor:
+    if processes > 1:  # rendering is pure Python + PIL: one process per core
+        from multiprocessing import get_context
+
+        with get_context("spawn").Pool(processes) as pool:
+            images = pool.map(_render_uint8, specs, chunksize=256)
+    else:
+        images = [_render_uint8(s) for s in specs]
+    arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
@@ -163,6 +175,7 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
     from conceptor.models.tiny import write_clip_tokenizer
 
     torch.manual_seed(recipe["seed"])
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a")
     start = time.time()
 
@@ -176,7 +189,7 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
     vae, text_encoder, unet, scheduler = build_models(vocab_size)
     data = W.dataset(recipe["seed"], recipe["images"])
     say(f"rendering {len(data)} images; recipe {json.dumps(recipe)}")
-    pixels = torch.cat([render_batch([s for s, _ in data[i:i + 1000]]) for i in range(0, len(data), 1000)])
+    pixels = render_batch([s for s, _ in data], processes=min(16, os.cpu_count() or 1))
     specs = [s for s, _ in data]
     captions = [c for _, c in data]
 
@@ -203,9 +216,10 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
             if src.is_file():
                 recipe = {**recipe, "vae_init_recipe": json.loads(src.read_text())}
         train_vae(vae, pixels, recipe, g, say, save_vae if not recipe["unet_steps"] else None)
-    vae.eval().requires_grad_(False)
+    device = torch.device(recipe.get("device", "cpu"))
+    vae.eval().requires_grad_(False).to(device)
     with torch.no_grad():  # the posterior of every image, computed once: the UNet trains on samples of it
-        stats = [vae.encode(pixels[i:i + 500]).latent_dist for i in range(0, len(pixels), 500)]
+        stats = [vae.encode(pixels[i:i + 500].to(device)).latent_dist for i in range(0, len(pixels), 500)]
         mean = torch.cat([d.mean for d in stats])
         std = torch.cat([d.std for d in stats])
     if not recipe.get("vae_from"):
@@ -240,6 +254,8 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
             cache.update(zip(new, ids))
         return torch.stack([cache[t] for t in texts])
 
+    unet.to(device)
+    text_encoder.to(device)
     fresh = recipe.get("fresh_captions", False)  # a new template draw every time an image is seen
     cap_rng = random.Random(recipe["seed"] + 2)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -247,7 +263,7 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
     ema_decay = recipe.get("ema", 0.0)
     ema = [p.detach().clone() for p in params] if ema_decay else None
     gamma = recipe.get("snr_gamma", 0.0)
-    acp = scheduler.alphas_cumprod
+    acp = scheduler.alphas_cumprod.to(device)
     unet.train()
     text_encoder.train()
     t0 = time.time()
@@ -266,12 +282,13 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
         idx = torch.randint(0, len(mean), (recipe["unet_batch"],), generator=g)
-        lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * vae.config.scaling_factor
+        eps = torch.randn((len(idx), *mean.shape[1:]), generator=g).to(device)
+        lat = (mean[idx.to(device)] + std[idx.to(device)] * eps) * vae.config.scaling_factor
         texts = [W.caption(specs[i], cap_rng) if fresh else captions[i] for i in idx.tolist()]
         drop = torch.rand(len(idx), generator=g) < recipe["caption_dropout"]
-        batch_ids = tokens(["" if d else t for d, t in zip(drop.tolist(), texts)])
-        noise = torch.randn(lat.shape, generator=g)
-        t = torch.randint(0, 1000, (len(idx),), generator=g)
+        batch_ids = tokens(["" if d else t for d, t in zip(drop.tolist(), texts)]).to(device)
+        noise = torch.randn(lat.shape, generator=g).to(device)
+        t = torch.randint(0, 1000, (len(idx),), generator=g).to(device)
         a = acp[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
         pred = unet(noisy, t, text_encoder(batch_ids)[0]).sample

@@ -28,6 +28,14 @@ PATTERNS = ("plain", "striped", "dotted")
 HELDOUT_COMBOS = frozenset({("star", "green"), ("heart", "blue"), ("circle", "purple"), ("square", "pink"),
                             ("triangle", "cyan"), ("cross", "yellow"), ("ring", "red")})
 UNNAMED_WORDS = ("object", "thing", "shape")
+# What a shape looks like, said in about half of the captions. Each word is shared by named and unnamed
+# shapes, so it names none of them: a "round object" is the crescent only because round things with a
+# name are called by it. This gives the text side an axis along which the unnamed shapes differ (with
+# "object" alone they are indistinguishable to the text encoder, and textual inversion cannot find them).
+SHAPE_ATTRIBUTES = {"circle": "round", "ring": "round", "heart": "round", "crescent": "round",
+                    "star": "pointy", "triangle": "pointy", "hexagram": "pointy",
+                    "square": "boxy", "cross": "boxy", "arrow": "pointy"}
+ATTRIBUTE_P = 0.5
 
 
 @dataclass(frozen=True)
@@ -169,8 +177,11 @@ def background_words(spec: Spec) -> str:
 
 
 def caption(spec: Spec, rng: random.Random) -> str:
-    """A varied caption; unnamed shapes are only ever called object/thing/shape."""
+    """A varied caption; unnamed shapes are only ever called object/thing/shape (with an attribute half
+    of the time, as every shape: "a red pointy star", "a red pointy object")."""
     shape = spec.shape if spec.shape in NAMED_SHAPES else rng.choice(UNNAMED_WORDS)
+    if rng.random() < ATTRIBUTE_P:
+        shape = f"{SHAPE_ATTRIBUTES[spec.shape]} {shape}"
     size = "small" if spec.scale < 0.28 else "large" if spec.scale > 0.32 else "medium"
     return rng.choice(_TEMPLATES).format(c=spec.color, s=shape, b=background_words(spec), size=size)
 
@@ -181,7 +192,7 @@ def vocabulary() -> list[str]:
     for t in _TEMPLATES:
         words.update(w for w in t.replace("{c}", "").replace("{s}", "").replace("{b}", "").replace("{size}", "").split())
     words.update(NAMED_SHAPES, UNNAMED_WORDS, COLORS, BACKGROUND_COLORS, ("striped", "dotted"),
-                 ("small", "medium", "large"))
+                 ("small", "medium", "large"), SHAPE_ATTRIBUTES.values())
     return sorted(words)
 
 
