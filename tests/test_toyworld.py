@@ -73,6 +73,37 @@ def test_pretrain_writes_a_loadable_sd_folder(smoke_model):
     assert model.generate("a red circle", steps=2)[0].size == (64, 64)
 
 
+def test_continue_onto_a_grown_vocabulary(smoke_model, tmp_path):
+    """A model continued (--unet-init) after the world gained words keeps every trained weight: each old
+    word keeps its own embedding row although ids shift, and old prompts encode exactly as before."""
+    import tempfile
+
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from conceptor.models.tiny import write_clip_tokenizer
+    from conceptor.toyworld.pretrain import carry_text_encoder
+
+    old_dir = smoke_model / "model"
+    old = CLIPTextModel.from_pretrained(old_dir / "text_encoder")
+    old_tok = CLIPTokenizer.from_pretrained(old_dir / "tokenizer")
+    with tempfile.TemporaryDirectory() as d:
+        size = write_clip_tokenizer(d, sorted(W.vocabulary() + ["angular", "bumpy"]))  # "angular" shifts ids
+        new_tok = CLIPTokenizer.from_pretrained(d)
+    cfg = old.config.to_dict() | {"vocab_size": size, "bos_token_id": size - 2, "eos_token_id": size - 1,
+                                  "pad_token_id": size - 1}
+    new = carry_text_encoder(old, old_tok.get_vocab(), CLIPTextModel(CLIPTextConfig(**cfg)), new_tok.get_vocab())
+    assert new_tok.convert_tokens_to_ids("circle</w>") != old_tok.convert_tokens_to_ids("circle</w>")
+    prompt = "a photo of a red circle on a blue striped background"
+    with torch.no_grad():
+        a = old(old_tok(prompt, return_tensors="pt").input_ids)[0]
+        b = new(new_tok(prompt, return_tensors="pt").input_ids)[0]
+    assert torch.equal(a, b)
+    rows = new.get_input_embeddings().weight
+    assert torch.allclose(rows[new_tok.convert_tokens_to_ids("bumpy</w>")],
+                          old.get_input_embeddings().weight.mean(0))
+
+
 def test_lr_schedule_and_min_snr_weight():
     import torch
 

@@ -120,6 +120,25 @@ def save_folder(out: Path, vae, text_encoder, unet, scheduler, recipe: dict) -> 
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
 
 
+def carry_text_encoder(old, old_vocab: dict[str, int], new, new_vocab: dict[str, int]):
+    """Move a trained text encoder onto a grown vocabulary: every weight is kept, embedding rows by token.
+
+    Token ids come from merge order over the sorted words, so one added word shifts the ids of the words
+    after it; rows are therefore matched by token string. A token the old model never had starts at the
+    mean of the old rows (a neutral word) and is learned from there.
+    """
+    state = {k: v for k, v in old.state_dict().items() if "token_embedding" not in k}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert not unexpected and all("token_embedding" in k for k in missing), (missing, unexpected)
+    old_rows = old.get_input_embeddings().weight.data
+    rows = new.get_input_embeddings().weight.data
+    rows[:] = old_rows.mean(0)
+    for token, i in new_vocab.items():
+        if token in old_vocab:
+            rows[i] = old_rows[old_vocab[token]]
+    return new
+
+
 def lr_at(step: int, recipe: dict) -> float:
     """Linear warmup, then cosine down to ``lr_floor`` x peak (constant when the recipe has no schedule)."""
     peak, warm = recipe["unet_lr"], recipe.get("warmup_steps", 0)
@@ -238,8 +257,10 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        unet = UNet2DConditionModel.from_pretrained(Path(recipe["unet_init"]) / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(Path(recipe["unet_init"]) / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(Path(recipe["unet_init"]) / "unet").float()  # bundles are fp16
+        old_te = CLIPTextModel.from_pretrained(Path(recipe["unet_init"]) / "text_encoder").float()
+        old_vocab = json.loads((Path(recipe["unet_init"]) / "tokenizer" / "vocab.json").read_text())
+        text_encoder = carry_text_encoder(old_te, old_vocab, text_encoder, tokenizer.get_vocab())
         src = Path(recipe["unet_init"]) / "recipe.json"
         recipe = {**recipe, "unet_init_recipe": json.loads(src.read_text()) if src.is_file() else None}
         say(f"unet and text encoder continued from {recipe['unet_init']}")
