@@ -30,6 +30,9 @@ VARIANTS = {  # name -> (dreambooth section, lr)
     "lora-no-prior": ({"lora": True, "rank": 8}, 1e-3),
     "full+prior-lr3e-4": ({"class_prompt": CLASS}, 3e-4),
     "lora16+prior-lr5e-3": ({"class_prompt": CLASS, "lora": True, "rank": 16}, 5e-3),
+    "full+te+prior": ({"class_prompt": CLASS, "train_text_encoder": True}, 2e-4),
+    "lora32+prior": ({"class_prompt": CLASS, "lora": True, "rank": 32}, 2e-3),
+    "lora16+te+prior": ({"class_prompt": CLASS, "lora": True, "rank": 16, "lora_text_encoder": True}, 2e-3),
 }
 
 
@@ -51,6 +54,8 @@ def main() -> None:
     ap.add_argument("--num-class-images", type=int, default=50)
     ap.add_argument("--prior-loss-weight", type=float, default=1.0)
     ap.add_argument("--eval-images", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=None, help="override every variant's learning rate")
+    ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--work", default=None, help="keep runs here (default: a temporary folder)")
     ap.add_argument("--threads", type=int, default=0)
@@ -71,14 +76,15 @@ def main() -> None:
     base_retention, _ = prior_retention(api.load(None), load_evaluator(), CLASS, "arrow", n=args.eval_images)
     print(f"base model: class-prior retention {base_retention:.2f} (class-prompt images that are not an arrow)")
     rows = []
-    print("| variant | steps | train s | fidelity | similarity | editability | prior retention |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | lr | steps | train s | fidelity | similarity | editability | prior retention |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         section, lr = VARIANTS[name]
+        lr = args.lr or lr
         out = work / name.replace("+", "-with-")
         cfg = build_config("dreambooth", None, {
             "data": {"images": str(images)}, "optim": {"lr": lr},
-            "train": {"output": str(out), "steps": args.steps, "batch_size": 2, "checkpoint_every": 0,
+            "train": {"output": str(out), "steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": 0,
                       "log_every": 10, "overwrite": True},
             "dreambooth": {"instance_prompt": INSTANCE, "class_images": str(work / "class") if "class_prompt" in
                            section else None, "num_class_images": args.num_class_images,
@@ -90,7 +96,7 @@ def main() -> None:
         row = {"variant": name, "steps": args.steps, "train_s": round(train_s, 1), **{
             k: s[k] for k in ("fidelity", "similarity", "editability", "class_prior_retention")}}
         rows.append(row)
-        print(f"| {name} | {args.steps} | {row['train_s']} | {row['fidelity']:.2f} | {row['similarity']:.3f} | "
+        print(f"| {name} | {lr:g} | {args.steps} | {row['train_s']} | {row['fidelity']:.2f} | {row['similarity']:.3f} | "
               f"{row['editability']:.2f} | {row['class_prior_retention']:.2f} |", flush=True)
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"class images generated once into {work / 'class'} (part of the first prior run's time)")

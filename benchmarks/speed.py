@@ -36,6 +36,14 @@ VARIANTS = {  # name -> (method, method section, extra train/optim settings)
     "ft": ("finetune", {}, {}),  # full fine-tune on captioned images, latents and text embeddings cached
     "ft-8bit-ckpt": ("finetune", {}, {"gradient_checkpointing": True, "use_8bit_adam": True}),
     "ft-compile": ("finetune", {}, {"compile": True}),
+    # Per-variant precision and layout, so fp32, bf16 (CPU: AMX) and NHWC land in one table.
+    "ti-bf16": ("textual-inversion", {"token": "<c>", "init_token": "toy"}, {"mixed_precision": "bf16"}),
+    "ti-cl": ("textual-inversion", {"token": "<c>", "init_token": "toy"}, {"channels_last": True}),
+    "ti-compile-bf16": ("textual-inversion", {"token": "<c>", "init_token": "toy"},
+                        {"compile": True, "mixed_precision": "bf16"}),
+    "db-prior-bf16": ("dreambooth", {"instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy",
+                                     "num_class_images": 4, "class_sampling_steps": 2}, {"mixed_precision": "bf16"}),
+    "ft-cl": ("finetune", {}, {"channels_last": True}),
 }
 
 

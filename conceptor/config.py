@@ -71,6 +71,7 @@ class TrainConfig:
     epochs: int | None = None  # finetune: passes over the dataset; sets steps
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet (first steps pay the compile time, reported apart)
+    channels_last: bool = False  # UNet weights and activations in NHWC (oneDNN / tensor-core friendly)
     ema: bool = False  # exponential moving average of the trained weights, saved as the output
     ema_decay: float = 0.9999
     offload_ema: bool = False  # keep the average in CPU memory between steps

@@ -134,6 +134,22 @@ def test_bf16_keeps_trainables_fp32(tiny_sd1, concept_images, tmp_path):
     assert torch.isfinite(load_file(str(result.output / "learned_embeds.safetensors"))[TOKEN]).all()
 
 
+def test_channels_last_changes_layout_not_result(tiny_sd1, concept_images, tmp_path):
+    """--channels-last is a memory layout: the UNet's convolutions run NHWC and learn the same vectors."""
+    runs = {}
+    for cl in (False, True):
+        components = load_components(str(tiny_sd1))
+        result = api.train(ti_config(tiny_sd1, concept_images, tmp_path / f"run-{cl}", steps=4, channels_last=cl),
+                           components)
+        weight = components.unet.conv_in.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == cl and weight.dim() == 4
+        runs[cl] = load_file(str(result.output / "learned_embeds.safetensors"))[TOKEN]
+    base = load_components(str(tiny_sd1))
+    init = base.text_encoder.get_input_embeddings().weight[base.tokenizer.convert_tokens_to_ids("toy</w>")]
+    assert (runs[True][0] - init).abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-4, atol=1e-5)
+
+
 def test_caption_files_override_templates(tiny_sd1, concept_images, tmp_path):
     from conceptor.methods.textual_inversion import TextualInversion
 

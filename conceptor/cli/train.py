@@ -23,6 +23,7 @@ COMMON = {
     "log_every": ("train", "log_every"), "use_8bit_adam": ("optim", "use_8bit_adam"),
     "gradient_checkpointing": ("train", "gradient_checkpointing"), "ema": ("train", "ema"),
     "ema_decay": ("train", "ema_decay"), "offload_ema": ("train", "offload_ema"), "compile": ("train", "compile"),
+    "channels_last": ("train", "channels_last"),
 }
 TEXTUAL_INVERSION = {
     "token": ("textual_inversion", "token"), "init_token": ("textual_inversion", "init_token"),
@@ -92,6 +93,8 @@ def add_common_flags(p: argparse.ArgumentParser, images: bool = True) -> None:
     _flag(g, "--log-every", type=int, metavar="N", help="loss log interval in steps")
     _flag(g, "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     _flag(g, "--compile", action="store_true", help="torch.compile the UNet (faster steps after a one-off compile)")
+    _flag(g, "--channels-last", action="store_true",
+          help="UNet in channels-last memory layout (NHWC: faster convolutions with oneDNN and tensor cores)")
     _flag(g, "--config", metavar="FILE", help="YAML/TOML config; flags override it")
 
 

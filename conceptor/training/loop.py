@@ -141,6 +141,8 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
     components.frozen()
     for module in (*components.text_encoders, components.vae, components.unet):
         module.to(device, dtype=weight_dtype)  # frozen weights in low precision; trainables stay fp32
+    if t.channels_last:  # convolution outputs follow the weights' layout, so the whole UNet runs NHWC
+        components.unet.to(memory_format=torch.channels_last)
 
     method.shard = (accelerator.process_index, accelerator.num_processes)
     with accelerator.main_process_first():  # caches are filled once, by the main process; the others read them
