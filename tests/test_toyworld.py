@@ -6,7 +6,7 @@ import pytest
 
 from conceptor.toyworld import world as W
 
-TI_STEPS = 60
+TI_STEPS = 200
 
 
 def test_same_seed_same_pixels_and_captions():
@@ -165,7 +165,7 @@ def test_bundled_model_ti_raises_fidelity(tmp_path):
     assert model is not None, "the bundled toy model is missing from the package"
     cfg = build_config("textual-inversion", None, {
         "data": {"images": str(FOLDER)}, "optim": {"lr": 5e-3},
-        "train": {"output": str(tmp_path / "run"), "steps": TI_STEPS, "batch_size": 4, "checkpoint_every": 0,
+        "train": {"output": str(tmp_path / "run"), "steps": TI_STEPS, "batch_size": 8, "checkpoint_every": 0,
                   "snr_gamma": 5.0},
         "textual_inversion": {"token": "<c>", "init_token": "object", "templates": str(TEMPLATES)}})
     result = api.train(cfg)

@@ -1,12 +1,15 @@
-"""The demo's sample concept: five renders of one shape in one colour (the toy 'cat toy').
+"""The demo's sample concept: five renders of one unnamed shape in one colour (the toy 'cat toy').
 
-Issue 3 asks for an *unnamed* shape here (a crescent, captioned only "object" in pretraining). On the
-current bundled model textual inversion cannot bind it: both unnamed shapes share the caption "object",
-so neither the text encoder nor the UNet's cross-attention ever learned a direction that separates
-them, and the learned token drifts to other shapes (measured: fidelity 0.0-0.06 for lr 2e-4..5e-2,
-150-300 steps, with and without min-SNR). Until the world gives unnamed shapes describable attributes,
-the demo teaches a pink heart starting from the word "object": the token must find both the shape and
-the colour, from five pictures.
+A red crescent: pretraining draws crescents but never names them ("a red object", or "a red round
+object" half of the time, where "round" is shared with circle, ring and heart). The model can draw it,
+and no word says it; textual inversion has to find the word, starting from "object".
+
+World v1 captioned unnamed shapes only "object", so nothing on the text side told crescent from hexagram
+and TI never bound them (fidelity 0.0-0.06 over lr 2e-4..5e-2); v1's demo therefore taught a named shape.
+With v2's shared attributes every colour's token finds the crescent shape, but the colour is where it can
+slip: the toy VAE puts orange next to yellow, purple next to pink and blue next to cyan, so the denoising
+loss barely tells them apart (300 steps, batch 8, lr 5e-3: red 1.0, cyan 0.94, orange 0.69, green 0.63,
+purple 0.44, pink 0.19, blue 0.0). Red is the colour the latent space keeps distinct.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from . import world as W
 
-SHAPE, COLOR = "heart", "pink"
+SHAPE, COLOR = "crescent", "red"
 TEMPLATES = Path(__file__).parent / "templates.txt"  # prompts in the toy vocabulary (the seeds' have unknown words)
 FOLDER = Path(__file__).parent / "concept"
 
