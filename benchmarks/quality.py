@@ -1,6 +1,6 @@
 """What textual inversion learns on the bundled toy-world model, against steps and wall time.
 
-    python benchmarks/quality.py [--steps 300] [--every 50] [--concepts orange-crescent,green-hexagram,...]
+    python benchmarks/quality.py [--steps 300] [--every 50] [--batch-size 8] [--concepts red-crescent,...]
 
 For each concept (an unnamed shape in one colour: the model can draw it, no word names it) five renders
 are the training images; one run of --steps writes a snapshot every --every steps, and each snapshot is
@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DEFAULT_CONCEPTS = "pink-heart,orange-crescent,green-hexagram,red-star"
+DEFAULT_CONCEPTS = "red-crescent,cyan-crescent,orange-crescent,red-hexagram"
 
 
 def concept_images(shape: str, color: str, folder: Path) -> Path:
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-images", type=int, default=16)
     ap.add_argument("--concepts", default=DEFAULT_CONCEPTS, help="comma-separated colour-shape pairs")
     ap.add_argument("--threads", type=int, default=0)

@@ -100,6 +100,7 @@ class DreamBoothConfig:
     lora: bool = False
     rank: int = 4
     alpha: float | None = None  # default: rank (scale 1)
+    lora_targets: str = "attn"  # attn | attn-ff (models/adapters.py)
     lora_text_encoder: bool = False
     save_single_file: bool = False
 
@@ -118,6 +119,7 @@ class FinetuneConfig:
     lora: bool = False
     rank: int = 4
     alpha: float | None = None
+    lora_targets: str = "attn"  # attn | attn-ff (models/adapters.py)
     save_single_file: bool = False
     cache_dir: str | None = None  # default ~/.cache/conceptor; "none" disables the on-disk cache
 
@@ -242,6 +244,7 @@ def validate(cfg: RunConfig) -> None:
             (db.num_class_images >= 1, "--num-class-images must be at least 1"),
             (db.prior_loss_weight >= 0, "--prior-loss-weight must be >= 0"),
             (db.rank >= 1, "--rank must be at least 1"),
+            (db.lora_targets in ("attn", "attn-ff"), "--lora-targets must be attn or attn-ff"),
             (db.alpha is None or db.alpha > 0, "--alpha must be positive"),
             (not db.lora_text_encoder or db.lora, "--lora-text-encoder needs --lora"),
             (not (db.lora and db.train_text_encoder),
@@ -259,6 +262,7 @@ def validate(cfg: RunConfig) -> None:
                                "or a saved Hugging Face dataset"),
             (0 <= ft.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
             (ft.rank >= 1, "--rank must be at least 1"),
+            (ft.lora_targets in ("attn", "attn-ff"), "--lora-targets must be attn or attn-ff"),
             (not (ft.lora and ft.save_single_file), "--save-single-file writes a full model, not a LoRA"),
             (ft.min_res is None or ft.max_res is None or ft.min_res <= ft.max_res, "--min-res must be <= --max-res"),
             (t.epochs is None or t.epochs >= 1, "--epochs must be at least 1"),

@@ -69,10 +69,12 @@ def test_lora_trains_only_adapters_and_diffusers_loads_the_file(tiny_sd1, concep
     assert torch.allclose(theirs, want, atol=1e-5)
 
 
-def test_kohya_round_trip_and_diffusers_reads_kohya(tiny_sd1, concept_images, tmp_path, cli):
+@pytest.mark.parametrize("targets", ["attn", "attn-ff"])
+def test_kohya_round_trip_and_diffusers_reads_kohya(tiny_sd1, concept_images, tmp_path, cli, targets):
     from diffusers import StableDiffusionPipeline
 
-    api.train(db_config(tiny_sd1, concept_images, tmp_path / "run", {"lora": True, "rank": 2, "alpha": 1.0}))
+    api.train(db_config(tiny_sd1, concept_images, tmp_path / "run", {"lora": True, "rank": 2, "alpha": 1.0,
+                                                                       "lora_targets": targets}))
     src = tmp_path / "run" / "pytorch_lora_weights.safetensors"
     code, out, err = cli("convert", "lora", src, tmp_path / "k.safetensors", "--to", "kohya")
     assert code == 0, err
@@ -80,6 +82,10 @@ def test_kohya_round_trip_and_diffusers_reads_kohya(tiny_sd1, concept_images, tm
 
     keys = load_file(str(tmp_path / "k.safetensors"))
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") and k.endswith(".lora_down.weight") for k in keys)
+    # attn-ff adds exactly the feed-forward layers of every transformer block; attn has none of them.
+    ff = {k for k in keys if "_ff_net_" in k and k.endswith(".lora_down.weight")}
+    attn = {k for k in keys if "_attn1_to_q" in k and k.endswith(".lora_down.weight")}
+    assert len(ff) == (2 * len(attn) if targets == "attn-ff" else 0)
     assert all(keys[k].ndim == 0 for k in keys if k.endswith(".alpha"))
     back = convert_lora(tmp_path / "k.safetensors", tmp_path / "d.safetensors", "diffusers")
     a, b = read_lora(src), read_lora(back)

@@ -34,10 +34,10 @@ TEXTUAL_INVERSION = {
 DREAMBOOTH = {k: ("dreambooth", k) for k in (
     "instance_prompt", "class_prompt", "class_images", "num_class_images", "prior_loss_weight",
     "class_sampling_steps", "class_guidance", "train_text_encoder", "text_encoder_lr", "lora", "rank", "alpha",
-    "lora_text_encoder", "save_single_file")}
+    "lora_targets", "lora_text_encoder", "save_single_file")}
 FINETUNE = {k: ("finetune", k) for k in (
     "dataset", "image_column", "caption_column", "skip_bad", "caption_dropout", "buckets", "min_res", "max_res",
-    "random_crop", "lora", "rank", "alpha", "save_single_file", "cache_dir")}
+    "random_crop", "lora", "rank", "alpha", "lora_targets", "save_single_file", "cache_dir")}
 
 
 def _flag(p, name, **kw):
@@ -127,6 +127,8 @@ def add_parser(sub) -> None:
     _flag(g, "--lora", action="store_true", help="train a LoRA of the UNet attention instead of the whole UNet")
     _flag(g, "--rank", type=int, metavar="R", help="LoRA rank (default 4)")
     _flag(g, "--alpha", type=float, metavar="A", help="LoRA alpha (default: the rank)")
+    _flag(g, "--lora-targets", choices=["attn", "attn-ff"],
+          help="UNet layers with a LoRA: attention projections (default) or attention + feed-forward")
     _flag(g, "--lora-text-encoder", action="store_true", help="a LoRA of the text encoder too")
     _flag(g, "--save-single-file", action="store_true", help="also write OUTPUT/model.safetensors (A1111/ComfyUI)")
     add_common_flags(db)
@@ -151,6 +153,8 @@ def add_parser(sub) -> None:
     _flag(g, "--lora", action="store_true", help="train a LoRA of the UNet attention instead of the whole UNet")
     _flag(g, "--rank", type=int, metavar="R", help="LoRA rank (default 4)")
     _flag(g, "--alpha", type=float, metavar="A", help="LoRA alpha (default: the rank)")
+    _flag(g, "--lora-targets", choices=["attn", "attn-ff"],
+          help="UNet layers with a LoRA: attention projections (default) or attention + feed-forward")
     _flag(g, "--save-single-file", action="store_true", help="also write OUTPUT/model.safetensors (+ .yaml)")
     _flag(g, "--cache-dir", metavar="DIR", help="latent/text cache (default ~/.cache/conceptor; 'none' = off)")
     _flag(g, "--epochs", type=int, metavar="N", help="passes over the dataset (sets --steps)")

