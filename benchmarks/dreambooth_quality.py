@@ -33,6 +33,13 @@ VARIANTS = {  # name -> (dreambooth section, lr)
     "full+te+prior": ({"class_prompt": CLASS, "train_text_encoder": True}, 2e-4),
     "lora32+prior": ({"class_prompt": CLASS, "lora": True, "rank": 32}, 2e-3),
     "lora16+te+prior": ({"class_prompt": CLASS, "lora": True, "rank": 16, "lora_text_encoder": True}, 2e-3),
+    "lora16-ff+te+prior": ({"class_prompt": CLASS, "lora": True, "rank": 16, "lora_targets": "attn-ff",
+                            "lora_text_encoder": True}, 2e-3),
+    "lora16-ff+te-no-prior": ({"lora": True, "rank": 16, "lora_targets": "attn-ff", "lora_text_encoder": True},
+                              2e-3),
+    "full+te-no-prior": ({"train_text_encoder": True}, 2e-4),
+    "lora+prior-lr1.5e-3": ({"class_prompt": CLASS, "lora": True, "rank": 8}, 1.5e-3),
+    "lora-no-prior-lr1.5e-3": ({"lora": True, "rank": 8}, 1.5e-3),
 }
 
 

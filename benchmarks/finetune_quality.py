@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lora-targets", choices=["attn", "attn-ff"], default="attn")
     ap.add_argument("--ema", action="store_true", help="save the EMA of the weights (what forgets least)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--per-prompt", type=int, default=8)
@@ -94,14 +95,14 @@ def main() -> None:
                                              "batch_size": args.batch_size, "checkpoint_every": 0, "log_every": 10,
                                              "overwrite": True, "ema": args.ema, "ema_decay": args.ema_decay},
         "finetune": {"dataset": str(data), "caption_dropout": 0.1, "cache_dir": str(work / "cache"),
-                     **({"lora": True, "rank": args.rank} if args.lora else {})}})
+                     **({"lora": True, "rank": args.rank, "lora_targets": args.lora_targets} if args.lora else {})}})
     t0 = time.time()
     api.train(cfg)
     train_s = time.time() - t0
     tuned = measure(None, str(work / "run"), args.per_prompt) if args.lora else measure(str(work / "run"), None,
                                                                                         args.per_prompt)
     print(f"\n{args.images} black-striped-style images, {args.steps} steps x batch {args.batch_size}, lr {args.lr}"
-          f"{f', LoRA r{args.rank}' if args.lora else ', full UNet'}{f', EMA {args.ema_decay}' if args.ema else ''}; training {train_s:.0f} s; {platform.machine()}, "
+          f"{f', LoRA r{args.rank} {args.lora_targets}' if args.lora else ', full UNet'}{f', EMA {args.ema_decay}' if args.ema else ''}; training {train_s:.0f} s; {platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| model | style adopted | shape | colour | images |\n|---|---|---|---|---|")
     for name, r in (("bundled (before)", base), ("fine-tuned", tuned)):

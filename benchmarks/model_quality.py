@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model folder (default: the bundled toy model)")
     ap.add_argument("--per-prompt", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=30, help="default: conceptor generate's")
     ap.add_argument("--guidance", type=float, default=7.5, help="default: conceptor generate's")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
