@@ -101,8 +101,10 @@ def main() -> None:
     train_s = time.time() - t0
     tuned = measure(None, str(work / "run"), args.per_prompt) if args.lora else measure(str(work / "run"), None,
                                                                                         args.per_prompt)
+    what = f"LoRA r{args.rank} {args.lora_targets}" if args.lora else "full UNet"
+    what += f", EMA {args.ema_decay}" if args.ema else ""
     print(f"\n{args.images} black-striped-style images, {args.steps} steps x batch {args.batch_size}, lr {args.lr}"
-          f"{f', LoRA r{args.rank} {args.lora_targets}' if args.lora else ', full UNet'}{f', EMA {args.ema_decay}' if args.ema else ''}; training {train_s:.0f} s; {platform.machine()}, "
+          f", {what}; training {train_s:.0f} s; {platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| model | style adopted | shape | colour | images |\n|---|---|---|---|---|")
     for name, r in (("bundled (before)", base), ("fine-tuned", tuned)):

@@ -51,6 +51,12 @@ def main() -> None:
     paths = sorted(Path(write_images(work / "img", res)).glob("*.png"))
     b = args.batch_size
     bf16 = args.mixed_precision == "bf16"
+
+    def pixels(files) -> torch.Tensor:  # decode + resize + scale to [-1, 1], as the seeds' data loader does
+        return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((res, res)),
+                                                        dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                            for p in files])
+
     rows = {}
     for recipe in ("reference", "conceptor"):
         c = load_components(str(folder))
@@ -77,19 +83,14 @@ def main() -> None:
                   return_tensors="pt").input_ids
         if recipe == "conceptor":  # the posterior is computed once, before training
             with torch.no_grad():
-                x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((res, res)),
-                                                             dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                                 for p in paths[:b]])
-                dist = vae.encode(x.to(vae.dtype)).latent_dist
+                dist = vae.encode(pixels(paths[:b]).to(vae.dtype)).latent_dist
                 mean, std = dist.mean.float(), dist.std.float()
         phases: dict[str, list[float]] = {k: [] for k in ("data + VAE", "text encoder", "UNet forward",
                                                            "backward", "optimizer", "total")}
         for step in range(args.warmup + args.steps):
             t = [time.perf_counter()]
             if recipe == "reference":
-                x = torch.stack([torch.from_numpy(np.asarray(Image.open(paths[(step * b + j) % len(paths)])
-                                                             .convert("RGB").resize((res, res)), dtype=np.float32)
-                                                  / 127.5 - 1).permute(2, 0, 1) for j in range(b)])
+                x = pixels([paths[(step * b + j) % len(paths)] for j in range(b)])
                 lat = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
             else:
                 lat = (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor

@@ -15,6 +15,8 @@ import yaml
 
 from .errors import ConceptorError
 
+LORA_TARGET_SETS = ("attn", "attn-ff")  # the UNet layer sets of models/adapters.py: UNET_LORA_TARGETS
+
 
 @dataclass
 class ModelConfig:
@@ -244,7 +246,7 @@ def validate(cfg: RunConfig) -> None:
             (db.num_class_images >= 1, "--num-class-images must be at least 1"),
             (db.prior_loss_weight >= 0, "--prior-loss-weight must be >= 0"),
             (db.rank >= 1, "--rank must be at least 1"),
-            (db.lora_targets in ("attn", "attn-ff"), "--lora-targets must be attn or attn-ff"),
+            (db.lora_targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
             (db.alpha is None or db.alpha > 0, "--alpha must be positive"),
             (not db.lora_text_encoder or db.lora, "--lora-text-encoder needs --lora"),
             (not (db.lora and db.train_text_encoder),
@@ -262,7 +264,7 @@ def validate(cfg: RunConfig) -> None:
                                "or a saved Hugging Face dataset"),
             (0 <= ft.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
             (ft.rank >= 1, "--rank must be at least 1"),
-            (ft.lora_targets in ("attn", "attn-ff"), "--lora-targets must be attn or attn-ff"),
+            (ft.lora_targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
             (not (ft.lora and ft.save_single_file), "--save-single-file writes a full model, not a LoRA"),
             (ft.min_res is None or ft.max_res is None or ft.min_res <= ft.max_res, "--min-res must be <= --max-res"),
             (t.epochs is None or t.epochs >= 1, "--epochs must be at least 1"),

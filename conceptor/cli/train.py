@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import LORA_TARGET_SETS
+
 # flag dest -> (config section, key). Flags default to None so a config file's value stands unless given.
 COMMON = {
     "model": ("model", "model"), "model_config": ("model", "model_config"), "family": ("model", "family"),
@@ -127,7 +129,7 @@ def add_parser(sub) -> None:
     _flag(g, "--lora", action="store_true", help="train a LoRA of the UNet attention instead of the whole UNet")
     _flag(g, "--rank", type=int, metavar="R", help="LoRA rank (default 4)")
     _flag(g, "--alpha", type=float, metavar="A", help="LoRA alpha (default: the rank)")
-    _flag(g, "--lora-targets", choices=["attn", "attn-ff"],
+    _flag(g, "--lora-targets", choices=LORA_TARGET_SETS,
           help="UNet layers with a LoRA: attention projections (default) or attention + feed-forward")
     _flag(g, "--lora-text-encoder", action="store_true", help="a LoRA of the text encoder too")
     _flag(g, "--save-single-file", action="store_true", help="also write OUTPUT/model.safetensors (A1111/ComfyUI)")
@@ -153,7 +155,7 @@ def add_parser(sub) -> None:
     _flag(g, "--lora", action="store_true", help="train a LoRA of the UNet attention instead of the whole UNet")
     _flag(g, "--rank", type=int, metavar="R", help="LoRA rank (default 4)")
     _flag(g, "--alpha", type=float, metavar="A", help="LoRA alpha (default: the rank)")
-    _flag(g, "--lora-targets", choices=["attn", "attn-ff"],
+    _flag(g, "--lora-targets", choices=LORA_TARGET_SETS,
           help="UNet layers with a LoRA: attention projections (default) or attention + feed-forward")
     _flag(g, "--save-single-file", action="store_true", help="also write OUTPUT/model.safetensors (+ .yaml)")
     _flag(g, "--cache-dir", metavar="DIR", help="latent/text cache (default ~/.cache/conceptor; 'none' = off)")

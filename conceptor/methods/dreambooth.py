@@ -91,7 +91,8 @@ class DreamBooth:
         groups = []
         te_lr = db.text_encoder_lr or cfg.optim.lr
         if db.lora:
-            groups.append({"params": add_lora(unet, db.rank, db.alpha, UNET_LORA_TARGETS[db.lora_targets], cfg.train.seed)})
+            targets = UNET_LORA_TARGETS[db.lora_targets]
+            groups.append({"params": add_lora(unet, db.rank, db.alpha, targets, cfg.train.seed)})
             if db.lora_text_encoder:  # SDXL: both text encoders
                 for k, te in enumerate(components.text_encoders):
                     groups.append({"params": add_lora(te, db.rank, db.alpha, TEXT_LORA_TARGETS,

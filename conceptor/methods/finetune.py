@@ -71,7 +71,8 @@ class Finetune:
                  cfg.train.batch_size, per_step, self.world, cache_dir or "off")
 
         unet = components.unet
-        params = add_lora(unet, ft.rank, ft.alpha, UNET_LORA_TARGETS[ft.lora_targets], cfg.train.seed) if ft.lora else train_whole(unet)
+        params = (add_lora(unet, ft.rank, ft.alpha, UNET_LORA_TARGETS[ft.lora_targets], cfg.train.seed) if ft.lora
+                  else train_whole(unet))
         unet.train()
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()

@@ -12,8 +12,8 @@ from ..errors import ConceptorError
 # "attn": the attention projections, as diffusers' DreamBooth-LoRA script targets them. "attn-ff" adds
 # the transformer blocks' feed-forward layers (kohya's default SD LoRA covers them too): more capacity for
 # subjects the base model has never drawn (on the toy world's arrow: fidelity 0.25 -> 0.75 at the same lr).
-UNET_LORA_TARGETS = {"attn": ["to_q", "to_k", "to_v", "to_out.0"],
-                     "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
+_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_LORA_TARGETS = {"attn": _ATTENTION, "attn-ff": _ATTENTION + ["ff.net.0.proj", "ff.net.2"]}
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
