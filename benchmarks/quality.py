@@ -35,7 +35,7 @@ def concept_images(shape: str, color: str, folder: Path) -> Path:
 
 
 def run_concept(shape: str, color: str, work: Path, steps: int, every: int, lr: float, batch: int,
-                n_eval: int) -> list[dict]:
+                n_eval: int, guidance: float | None = None) -> list[dict]:
     from conceptor import api
     from conceptor.config import build_config
     from conceptor.eval.concept import evaluate
@@ -58,11 +58,13 @@ def run_concept(shape: str, color: str, work: Path, steps: int, every: int, lr: 
     reference = [Image.open(p).convert("RGB") for p in sorted(images.glob("*.png"))]
     rows = []
     base = api.load(None)
-    scores, _ = evaluate(base, evaluator, "object", reference, n=n_eval, identity=(shape, color))
+    scores, _ = evaluate(base, evaluator, "object", reference, n=n_eval, identity=(shape, color),
+                         guidance=guidance)
     rows.append({"concept": f"{color} {shape}", "step": 0, "train_s": 0.0, **_pick(scores)})
     for step in range(every, steps + 1, every):
         emb = out / f"learned_embeds-steps-{step}.safetensors"
-        scores, _ = evaluate(api.load(None, [emb]), evaluator, "<c>", reference, n=n_eval, identity=(shape, color))
+        scores, _ = evaluate(api.load(None, [emb]), evaluator, "<c>", reference, n=n_eval, identity=(shape, color),
+                             guidance=guidance)
         rows.append({"concept": f"{color} {shape}", "step": step, "train_s": elapsed.get(step), **_pick(scores)})
         print(_fmt(rows[-1]), flush=True)
     return rows
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-images", type=int, default=16)
     ap.add_argument("--concepts", default=DEFAULT_CONCEPTS, help="comma-separated colour-shape pairs")
+    ap.add_argument("--guidance", type=float, default=None, help="sampling guidance (default: the model's)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -99,7 +102,7 @@ def main() -> None:
         for item in args.concepts.split(","):
             color, shape = item.split("-")
             rows += run_concept(shape, color, Path(tmp), args.steps, args.every, args.lr, args.batch_size,
-                                args.eval_images)
+                                args.eval_images, args.guidance)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; total {time.time() - t0:.0f} s")
     if args.json:

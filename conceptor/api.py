@@ -126,9 +126,11 @@ class Model:
         return apply_lora(read_lora(path), c.unet, c.text_encoder, scale, c.text_encoder_2)
 
     def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 30,
-                 guidance: float = 7.5, scheduler: str = "ddim", seed: int | None = 0, width: int | None = None,
+                 guidance: float | None = None, scheduler: str = "ddim", seed: int | None = 0, width: int | None = None,
                  height: int | None = None, batch_size: int = 4, progress=None) -> list[Image.Image]:
-        """``num_images`` images of ``prompt``; image i uses seed ``seed + i`` so each is reproducible alone."""
+        """``num_images`` images of ``prompt``; image i uses seed ``seed + i`` so each is reproducible alone.
+
+        ``guidance`` None is the model's default: 7.5, or what its folder's conceptor.json says."""
         from .sampling.pipeline import sample
 
         if num_images < 1 or steps < 1:
@@ -139,7 +141,7 @@ class Model:
                       width=width, height=height, batch_size=batch_size, progress=progress)
 
     def text_to_image(self, prompt: str, batch_size: int = 1, num_steps: int = 50,
-                      unconditional_guidance_scale: float = 7.5, seed: int | None = None) -> list[Image.Image]:
+                      unconditional_guidance_scale: float | None = None, seed: int | None = None) -> list[Image.Image]:
         """KerasCV's ``StableDiffusion.text_to_image`` signature, for users coming from the seeds."""
         return self.generate(prompt, num_images=batch_size, steps=num_steps,
                              guidance=unconditional_guidance_scale, seed=seed)

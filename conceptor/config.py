@@ -96,7 +96,7 @@ class DreamBoothConfig:
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
     class_sampling_steps: int = 25
-    class_guidance: float = 7.5
+    class_guidance: float | None = None  # None = the model's default guidance
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # default: --lr
     lora: bool = False

@@ -66,3 +66,38 @@ def test_train_from_single_file(tiny_sd1, tmp_path, concept_images, cli):
                        "--output", tmp_path / "run")
     assert code == 0, err
     assert (tmp_path / "run" / "learned_embeds.safetensors").is_file()
+
+
+def test_a_models_own_guidance_default(tiny_sd1, tmp_path, cli):
+    """conceptor.json in a model folder sets the default guidance; fine-tunes inherit it; a bad one is refused."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from conceptor import api
+    from conceptor.config import ModelConfig
+    from conceptor.models.save import save_pipeline
+
+    assert api.load(None).components.default_guidance == 4.0  # the bundled model's, measured
+    model = tmp_path / "m"
+    shutil.copytree(tiny_sd1, model)
+    assert load_components(str(model)).default_guidance == 7.5  # SD's, when the folder says nothing
+    (model / "conceptor.json").write_text(json.dumps({"guidance": 2.0}))
+    loaded = api.load(str(model))
+    assert loaded.components.default_guidance == 2.0
+
+    def pixels(**kw):
+        return np.asarray(loaded.generate("a photo of a toy", steps=3, seed=3, **kw)[0], dtype=np.int16)
+
+    assert np.array_equal(pixels(), pixels(guidance=2.0))
+    assert not np.array_equal(pixels(), pixels(guidance=7.5))
+
+    save_pipeline(loaded.components, tmp_path / "tuned", ModelConfig(model=str(model)), text_trained=False)
+    assert json.loads((tmp_path / "tuned" / "conceptor.json").read_text()) == {"guidance": 2.0}
+    assert load_components(str(tmp_path / "tuned")).default_guidance == 2.0
+
+    (model / "conceptor.json").write_text('{"guidance": "lots"')
+    code, out, err = cli("generate", "--model", model, "--prompt", "x", "--output", tmp_path / "img")
+    assert code != 0 and "conceptor.json" in err and "Traceback" not in err
+    assert not (tmp_path / "img").exists()

@@ -8,7 +8,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="model to evaluate with (default: the run's)")
     p.add_argument("--num-images", type=int, default=16, help="images per measure (default 16)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-prompt", help="DreamBooth: class prompt for prior retention (default: the run's)")
     p.set_defaults(handler=run)

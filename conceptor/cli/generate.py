@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA file or run folder, optional scale (default 1.0); repeatable, diffusers or kohya format")
     p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's, 7.5 for SD, 4 for the bundled one)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "euler", "euler-a", "dpm++"])
     p.add_argument("--seed", type=int, default=0, help="image i uses seed+i (default 0)")
     p.add_argument("--num-images", type=int, default=1)

@@ -123,7 +123,7 @@ def add_parser(sub) -> None:
     _flag(g, "--num-class-images", type=int, metavar="N", help="class images to use (default 100)")
     _flag(g, "--prior-loss-weight", type=float, metavar="F", help="weight of the class loss (default 1.0)")
     _flag(g, "--class-sampling-steps", type=int, metavar="N", help="sampler steps per class image (default 25)")
-    _flag(g, "--class-guidance", type=float, metavar="F", help="guidance for class images (default 7.5)")
+    _flag(g, "--class-guidance", type=float, metavar="F", help="guidance for class images (default: the model's)")
     _flag(g, "--train-text-encoder", action="store_true", help="fine-tune the text encoder too (full DreamBooth)")
     _flag(g, "--text-encoder-lr", type=float, metavar="F", help="learning rate of the text encoder (default --lr)")
     _flag(g, "--lora", action="store_true", help="train a LoRA of the UNet attention instead of the whole UNet")

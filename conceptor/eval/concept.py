@@ -39,9 +39,10 @@ def background_accuracy(evaluator, images: list[Image.Image], backgrounds: list[
 
 
 def evaluate(model, evaluator, subject: str, reference: list[Image.Image], *, n: int = 16, seed: int = 0,
-             steps: int = 25, guidance: float = 7.5, identity: tuple[str, str] | None = None) -> tuple[dict, dict]:
+             steps: int = 25, guidance: float | None = None, identity: tuple[str, str] | None = None) -> tuple[dict, dict]:
     """Scores of ``subject`` (a token or a phrase) on ``model`` (an api.Model); returns (scores, image sets)."""
     shape, color = identity or identify(evaluator, reference)
+    guidance = model.components.default_guidance if guidance is None else guidance  # recorded in the scores
     photos = model.generate(FIDELITY_PROMPT.format(subject), num_images=n, seed=seed, steps=steps,
                             guidance=guidance)
     backgrounds = list(W.BACKGROUND_COLORS)
@@ -60,7 +61,7 @@ def evaluate(model, evaluator, subject: str, reference: list[Image.Image], *, n:
 
 
 def prior_retention(model, evaluator, class_prompt: str, subject_shape: str, *, n: int = 16, seed: int = 0,
-                    steps: int = 25, guidance: float = 7.5) -> tuple[float, list[Image.Image]]:
+                    steps: int = 25, guidance: float | None = None) -> tuple[float, list[Image.Image]]:
     """Fraction of class-prompt images that are not the subject: DreamBooth's language drift, measured.
 
     A model that has drifted draws the subject for the bare class prompt; one that kept its prior does not.

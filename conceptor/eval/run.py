@@ -20,7 +20,7 @@ def subject_of(instance_prompt: str) -> str:
 
 
 def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, steps: int = 25,
-                 guidance: float = 7.5, seed: int = 0, class_prompt: str | None = None) -> dict:
+                 guidance: float | None = None, seed: int = 0, class_prompt: str | None = None) -> dict:
     """Scores of a textual-inversion or DreamBooth (full or LoRA) run; writes eval.json and eval-*.png."""
     from .. import api
     from ..data.images import list_images, load_image

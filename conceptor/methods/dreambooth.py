@@ -31,7 +31,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def ensure_class_images(components: Components, folder: Path, prompt: str, n: int, *, steps: int,
-                        guidance: float, batch_size: int = 4, seed: int = 0) -> list[Path]:
+                        guidance: float | None, batch_size: int = 4, seed: int = 0) -> list[Path]:
     """``n`` class images in ``folder``: those there are used, the missing ones generated with the model.
 
     Image ``class-00042.png`` always comes from seed 42, and each file is written as soon as it exists,

@@ -10,7 +10,7 @@ import torch
 
 from ..config import ModelConfig
 from ..fileio import atomic_dir
-from .load import Components
+from .load import SAMPLING_FILE, Components
 
 PARTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 
@@ -47,6 +47,8 @@ def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trai
         pipe.save_pretrained(tmp, safe_serialization=True)
         # The model's scheduler config as shipped (betas, prediction type): samplers start from it.
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(c.scheduler_config), indent=2))
+        if c.sampling:  # the base model's measured sampling defaults hold for its fine-tunes too
+            (tmp / SAMPLING_FILE).write_text(json.dumps(c.sampling, indent=2) + "\n")
     written = []
     for part in PARTS:
         if not (staged / part).exists():  # SD 1/2 have no second text encoder
@@ -56,6 +58,9 @@ def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trai
             shutil.rmtree(target)
         os.replace(staged / part, target)
         written.append(target)
+    if (staged / SAMPLING_FILE).exists():
+        os.replace(staged / SAMPLING_FILE, folder / SAMPLING_FILE)
+        written.append(folder / SAMPLING_FILE)
     os.replace(staged / "model_index.json", folder / "model_index.json")
     staged.rmdir()
     written.append(folder / "model_index.json")

@@ -51,16 +51,18 @@ def build_pipeline(components: Components, scheduler: str = "ddim"):
 
 @torch.no_grad()
 def sample(components: Components, prompts: list[str], seeds: list[int], *, negative_prompt: str | None = None,
-           steps: int = 25, guidance: float = 7.5, scheduler: str = "ddim", width: int | None = None,
+           steps: int = 25, guidance: float | None = None, scheduler: str = "ddim", width: int | None = None,
            height: int | None = None, batch_size: int = 4,
            progress: Callable[[int], None] | None = None) -> list[Image.Image]:
     """One image per (prompt, seed) pair, in order; image i depends only on its own prompt and seed.
 
-    Multi-vector tokens need no rewriting here: diffusers' pipeline expands ``tok`` to ``tok tok_1 ...``
+    ``guidance`` None is the model's own default (``Components.default_guidance``: 7.5 unless the model
+    folder says otherwise). Multi-vector tokens need no rewriting here: diffusers' pipeline expands ``tok`` to ``tok tok_1 ...``
     from the tokenizer's vocabulary (TextualInversionLoaderMixin.maybe_convert_prompt).
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    guidance = components.default_guidance if guidance is None else guidance
     width = width or components.default_resolution
     height = height or components.default_resolution
     if width % 8 or height % 8:

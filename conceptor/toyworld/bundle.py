@@ -1,6 +1,6 @@
 """Write the shipped toy-world model: a pretraining folder in fp16, with its recipe and scores beside it.
 
-    python -m conceptor.toyworld.bundle RUN_FOLDER [--vae FOLDER] [--scores evaluate.json]
+    python -m conceptor.toyworld.bundle RUN_FOLDER [--vae FOLDER] [--scores evaluate.json] [--guidance G]
 
 fp16 halves the size (the package budget is ~20 MB); every loader in conceptor casts back to fp32 on the
 CPU, and diffusers/transformers do the same when asked for ``dtype=torch.float32``.
@@ -19,12 +19,16 @@ from . import MODEL_FOLDER
 
 
 def ship_model(src: str | Path, dst: str | Path = MODEL_FOLDER, vae: str | Path | None = None,
-               scores: dict | None = None) -> Path:
-    """Copy ``src`` to ``dst`` with fp16 weights; ``vae`` swaps in another VAE (e.g. a fine-tuned decoder)."""
+               scores: dict | None = None, guidance: float | None = None) -> Path:
+    """Copy ``src`` to ``dst`` with fp16 weights; ``vae`` swaps in another VAE (e.g. a fine-tuned decoder).
+
+    ``guidance`` becomes the model's default guidance scale (its conceptor.json), measured with
+    ``benchmarks/model_quality.py --guidance G``: a tiny model wants less than SD's 7.5.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from conceptor.models.load import quiet_libraries
+    from conceptor.models.load import SAMPLING_FILE, quiet_libraries
 
     quiet_libraries()
     src, dst = Path(src), Path(dst)
@@ -43,6 +47,10 @@ def ship_model(src: str | Path, dst: str | Path = MODEL_FOLDER, vae: str | Path 
             recipe["vae_swapped_in"] = {"from": str(vae), "recipe": json.loads(vae_recipe.read_text())
                                         if vae_recipe.is_file() else None}
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2))
+        if guidance is not None:
+            (tmp / SAMPLING_FILE).write_text(json.dumps({"guidance": guidance}, indent=2) + "\n")
+        elif (src / SAMPLING_FILE).is_file():
+            shutil.copy(src / SAMPLING_FILE, tmp / SAMPLING_FILE)
         if scores:
             (tmp / "scores.json").write_text(json.dumps(scores, indent=2))
     return dst
@@ -54,9 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dst", default=str(MODEL_FOLDER))
     ap.add_argument("--vae", default=None)
     ap.add_argument("--scores", default=None, help="an evaluate.py --json table to keep beside the model")
+    ap.add_argument("--guidance", type=float, default=None, help="the model's default guidance scale")
     args = ap.parse_args(argv)
     scores = json.loads(Path(args.scores).read_text()) if args.scores else None
-    print(ship_model(args.src, args.dst, args.vae, scores))
+    print(ship_model(args.src, args.dst, args.vae, scores, args.guidance))
 
 
 if __name__ == "__main__":

@@ -63,15 +63,20 @@ def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance
     return images
 
 
-def evaluate_model(folder: str | Path, n_per_prompt: int = 8, seed: int = 0, *, steps: int = 25,
-                   guidance: float = 6.0, vae: str | Path | None = None, evaluator=None,
+def evaluate_model(folder: str | Path, n_per_prompt: int = 8, seed: int = 0, *, steps: int = 30,
+                   guidance: float | None = None, vae: str | Path | None = None, evaluator=None,
                    grid: str | Path | None = None) -> dict:
     """Evaluator accuracy of shape/colour/background/pattern on the model's samples, seen vs unseen combos.
 
     Returns {"seen": {key: acc}, "unseen": {key: acc}, "per_prompt": [...], settings...}. ``grid`` writes a
-    PNG with one row per prompt so a person can check what the numbers mean.
+    PNG with one row per prompt so a person can check what the numbers mean. ``guidance`` None is the
+    model's default, as conceptor generate uses it (the folder's conceptor.json, else SD's 7.5).
     """
+    from ..models.load import DEFAULT_GUIDANCE, read_sampling_defaults
     from .evaluator import load_evaluator
+
+    if guidance is None:
+        guidance = float(read_sampling_defaults(Path(folder)).get("guidance", DEFAULT_GUIDANCE))
 
     evaluator = evaluator or load_evaluator()
     pipe = load_pipeline(folder, vae)
@@ -154,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("folder")
     ap.add_argument("--n-per-prompt", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=6.0)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's")
     ap.add_argument("--vae", default=None, help="a VAE folder to decode with instead of the model's own")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", default=None)
