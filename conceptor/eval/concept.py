@@ -39,7 +39,8 @@ def background_accuracy(evaluator, images: list[Image.Image], backgrounds: list[
 
 
 def evaluate(model, evaluator, subject: str, reference: list[Image.Image], *, n: int = 16, seed: int = 0,
-             steps: int = 25, guidance: float | None = None, identity: tuple[str, str] | None = None) -> tuple[dict, dict]:
+             steps: int = 25, guidance: float | None = None,
+             identity: tuple[str, str] | None = None) -> tuple[dict, dict]:
     """Scores of ``subject`` (a token or a phrase) on ``model`` (an api.Model); returns (scores, image sets)."""
     shape, color = identity or identify(evaluator, reference)
     guidance = model.components.default_guidance if guidance is None else guidance  # recorded in the scores

@@ -57,8 +57,8 @@ def sample(components: Components, prompts: list[str], seeds: list[int], *, nega
     """One image per (prompt, seed) pair, in order; image i depends only on its own prompt and seed.
 
     ``guidance`` None is the model's own default (``Components.default_guidance``: 7.5 unless the model
-    folder says otherwise). Multi-vector tokens need no rewriting here: diffusers' pipeline expands ``tok`` to ``tok tok_1 ...``
-    from the tokenizer's vocabulary (TextualInversionLoaderMixin.maybe_convert_prompt).
+    folder says otherwise). Multi-vector tokens need no rewriting here: diffusers' pipeline expands ``tok``
+    to ``tok tok_1 ...`` from the tokenizer's vocabulary (TextualInversionLoaderMixin.maybe_convert_prompt).
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
