@@ -7,9 +7,12 @@ and no word says it; textual inversion has to find the word, starting from "obje
 World v1 captioned unnamed shapes only "object", so nothing on the text side told crescent from hexagram
 and TI never bound them (fidelity 0.0-0.06 over lr 2e-4..5e-2); v1's demo therefore taught a named shape.
 With v2's shared attributes every colour's token finds the crescent shape, but the colour is where it can
-slip: the toy VAE puts orange next to yellow, purple next to pink and blue next to cyan, so the denoising
-loss barely tells them apart (300 steps, batch 8, lr 5e-3: red 1.0, cyan 0.94, orange 0.69, green 0.63,
-purple 0.44, pink 0.19, blue 0.0). Red is the colour the latent space keeps distinct.
+slip: the toy VAE puts orange next to yellow, purple next to pink and blue next to cyan (about 0.5 apart in
+the unit-variance latent at the shape's centre, against about 2.5 for red and green), so the denoising loss
+that TI minimises barely tells them apart (300 steps, batch 8, lr 5e-3, sampled at guidance 7.5: red 1.0,
+cyan 0.94, orange 0.69, green 0.63, purple 0.44, pink 0.19, blue 0.0; at the model's guidance 4 the pattern
+holds, see docs/benchmarks.md). Red is the colour the latent space keeps distinct. (Prompts made of words
+draw all eight colours right at guidance 4: the decoder can, the token just does not pin them.)
 """
 from __future__ import annotations
 
