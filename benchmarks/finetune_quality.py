@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--lr-scheduler", default="constant", help="constant | cosine | linear ...")
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="training seed (noise, timesteps, data order)")
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--per-prompt", type=int, default=8)
     ap.add_argument("--work", default=None)
     ap.add_argument("--threads", type=int, default=0)
@@ -113,7 +114,7 @@ def main() -> None:
         "train": {"output": str(work / "run"), "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                   "checkpoint_every": 0, "log_every": 10, "overwrite": True, "ema": args.ema,
                   "ema_decay": args.ema_decay, "noise_offset": args.noise_offset, "snr_gamma": args.snr_gamma},
-        "finetune": {"dataset": str(data), "caption_dropout": 0.1, "cache_dir": str(work / "cache"),
+        "finetune": {"dataset": str(data), "caption_dropout": args.caption_dropout, "cache_dir": str(work / "cache"),
                      **({"lora": True, "rank": args.rank, "lora_targets": args.lora_targets} if args.lora else {})}})
     t0 = time.time()
     api.train(cfg)
@@ -125,6 +126,7 @@ def main() -> None:
     what += f", {args.lr_scheduler} lr" + (f", warm-up {args.warmup}" if args.warmup else "")
     what += f", noise offset {args.noise_offset}" if args.noise_offset else ""
     what += f", min-SNR {args.snr_gamma}" if args.snr_gamma else ""
+    what += f", caption dropout {args.caption_dropout}"
     print(f"\n{args.images} black-striped-style images, {args.steps} steps x batch {args.batch_size}, lr {args.lr}"
           f", {what}; training {train_s:.0f} s; {platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
