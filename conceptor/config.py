@@ -33,7 +33,7 @@ class DataConfig:
     images: str | None = None
     resolution: int | None = None  # None = the model's native size
     center_crop: bool = False
-    flip_p: float = 0.5
+    flip_p: float | None = None  # None = the method's default (DEFAULT_FLIP_P)
     repeats: int = 100  # the seeds' epoch = images x repeats; only sets how data order is shuffled
 
 
@@ -147,6 +147,10 @@ class RunConfig:
 METHOD_SECTIONS = {"textual-inversion": ("textual_inversion", TextualInversionConfig),
                    "dreambooth": ("dreambooth", DreamBoothConfig),
                    "finetune": ("finetune", FinetuneConfig)}
+# Flips: on for the few photos of a concept (more views; diffusers' textual inversion flips at 0.5), off for
+# captioned datasets, as train_text_to_image's opt-in --random_flip: a dataset's look can be one-sided, and
+# mirroring it teaches a second look (toyworld/style.py measured exactly that).
+DEFAULT_FLIP_P = {"textual-inversion": 0.5, "dreambooth": 0.5, "finetune": 0.0}
 # The seeds' learning rates: TI moves a few vectors, full DreamBooth the whole UNet, LoRA a small adapter.
 DEFAULT_LR = {"textual-inversion": 5e-4, "dreambooth": 5e-6, "dreambooth-lora": 1e-4, "finetune": 1e-5,
               "finetune-lora": 1e-4}
@@ -202,6 +206,8 @@ def build_config(method: str, file_values: dict[str, Any] | None, overrides: dic
             raise ConceptorError(f"unknown key(s) {', '.join(unknown)} in section {name!r}; valid: {', '.join(sorted(names))}")
         sections[name] = cls(**merged[name])
     cfg = RunConfig(method=method, **sections)
+    if cfg.data.flip_p is None:
+        cfg.data.flip_p = DEFAULT_FLIP_P[method]
     if cfg.optim.lr is None:
         lora = (cfg.dreambooth and cfg.dreambooth.lora) or (cfg.finetune and cfg.finetune.lora)
         cfg.optim.lr = DEFAULT_LR[method + ("-lora" if lora else "")]

@@ -174,3 +174,36 @@ def test_bundled_model_ti_raises_fidelity(tmp_path):
     after = api.load(None, [result.output]).generate("a photo of a <c>", num_images=12, steps=15, seed=0)
     f_before, f_after = fidelity(evaluator, before, SHAPE, COLOR), fidelity(evaluator, after, SHAPE, COLOR)
     assert f_after >= f_before + 0.3 and f_after >= 0.5, (f_before, f_after)
+
+
+def test_style_measure_reads_renders():
+    """The fine-tune measure: held-out pairs come from the captions, the style from what the training images
+    share, and renders score as what they are."""
+    from dataclasses import replace
+
+    from conceptor.eval.style import dataset_style, held_out_pairs, score
+    from conceptor.toyworld.evaluator import load_evaluator
+
+    captions = ["a photo of a red star", "a blue circle on a gray background", "a drawing of a green heart!"]
+    pairs = held_out_pairs(captions, limit=100)
+    assert len(pairs) == len(W.NAMED_SHAPES) * len(W.COLORS) - 3
+    assert ("star", "red") not in pairs and ("circle", "blue") not in pairs and ("star", "blue") in pairs
+    assert len(held_out_pairs(captions, seed=1)) == 14 and held_out_pairs(captions, seed=1) != held_out_pairs(
+        captions, seed=2)
+
+    evaluator = load_evaluator()
+    specs = W.sample_specs(3, 40, shapes=W.NAMED_SHAPES)
+    striped = [replace(s, background="black", pattern="striped") for s in specs]
+    assert dataset_style(evaluator, [W.render(s) for s in striped]) == {"background": "black", "pattern": "striped"}
+    mixed = striped[:20] + [replace(s, background="white", pattern="plain") for s in specs[20:]]
+    assert dataset_style(evaluator, [W.render(s) for s in mixed]) == {}  # nothing shared by 90%: no style
+
+    asked = [("star", "blue"), ("ring", "yellow")]
+    drawn = [W.Spec(shape, color, "black", "striped", 0.3, 0.5, 0.5, 0) for shape, color in asked for _ in range(3)]
+    style = {"background": "black", "pattern": "striped"}
+    assert score(evaluator, [W.render(s) for s in drawn], asked, style) == {
+        "shape": 1.0, "color": 1.0, "style": 1.0, "images": 6}
+    off_style = [W.render(replace(s, background="white", pattern="dotted")) for s in drawn]
+    wrong_colour = [W.render(replace(s, color="red")) for s in drawn]
+    assert score(evaluator, off_style, asked, style)["style"] == 0.0
+    assert score(evaluator, wrong_colour, asked, style)["color"] == 0.0

@@ -61,7 +61,7 @@ def add_common_flags(p: argparse.ArgumentParser, images: bool = True) -> None:
         _flag(g, "--images", metavar="DIR", help="folder of training images (img.txt beside img.png = its caption)")
         _flag(g, "--center-crop", action="store_true", help="crop the centre square before resizing")
     _flag(g, "--resolution", type=int, help="training size in pixels, multiple of 8 (default: the model's)")
-    _flag(g, "--flip-p", type=float, help="probability of a horizontal flip (default 0.5)")
+    _flag(g, "--flip-p", type=float, help="probability of a horizontal flip (default 0.5; finetune: 0)")
     _flag(g, "--repeats", type=int, help="images x repeats = one shuffled epoch (default 100)")
     g = p.add_argument_group("optimization")
     _flag(g, "--lr", type=float, help="learning rate (default: textual inversion 5e-4, DreamBooth 5e-6, LoRA 1e-4)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from pathlib import Path
 
@@ -21,10 +22,10 @@ def subject_of(instance_prompt: str) -> str:
 
 def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, steps: int = 25,
                  guidance: float | None = None, seed: int = 0, class_prompt: str | None = None) -> dict:
-    """Scores of a textual-inversion or DreamBooth (full or LoRA) run; writes eval.json and eval-*.png."""
+    """Scores of a textual-inversion, DreamBooth or fine-tuning run (full or LoRA); writes eval.json and
+    eval-*.png grids."""
     from .. import api
     from ..data.images import list_images, load_image
-    from ..sampling.grid import make_grid
     from ..toyworld.evaluator import load_evaluator
     from .concept import evaluate, has_toyworld_evaluator, identify, prior_retention
 
@@ -33,14 +34,19 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
         raise ConceptorError(f"{run} is not a run folder (no config.yaml)")
     cfg = config_from_saved(run / "config.yaml") or {}
     method = cfg.get("method")
-    if method not in ("textual-inversion", "dreambooth"):
-        raise ConceptorError(f"conceptor eval measures textual-inversion and dreambooth runs; {run} is {method!r}")
+    if method not in ("textual-inversion", "dreambooth", "finetune"):
+        raise ConceptorError(f"conceptor eval measures textual-inversion, dreambooth and finetune runs; {run} is "
+                             f"{method!r}")
     if not has_toyworld_evaluator():
         raise ConceptorError("the toy-world evaluator is not in this install; reinstall conceptor from its repo")
     base = model or cfg.get("model", {}).get("model")
     if base is not None and Path(base).resolve() != Path(api.bundled_model_path() or "").resolve():
         log.warning("the toy-world evaluator only understands toy-world images; numbers for other models "
                     "are not meaningful")
+    if method == "finetune":
+        scores, sets = _finetune_scores(run, cfg, base, n=n, seed=seed, steps=steps, guidance=guidance)
+        _write(run, scores, sets)
+        return scores
     if method == "textual-inversion":
         embedding = run / "learned_embeds.safetensors"
         if not embedding.is_file():
@@ -50,15 +56,7 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
         db = cfg["dreambooth"]
         subject = subject_of(db["instance_prompt"])
         class_prompt = class_prompt or db.get("class_prompt")
-        if db.get("lora"):
-            lora = run / "pytorch_lora_weights.safetensors"
-            if not lora.is_file():
-                raise ConceptorError(f"{run} has no pytorch_lora_weights.safetensors yet; finish or resume the run")
-            loaded = api.load(base, loras=[lora])
-        else:
-            if not (run / "model_index.json").is_file():
-                raise ConceptorError(f"{run} has no trained model yet (model_index.json); finish or resume the run")
-            loaded = api.load(str(run))
+        loaded = _trained_model(run, base, bool(db.get("lora")))
     evaluator = load_evaluator()
     reference = [load_image(p) for p in list_images(cfg["data"]["images"])]
     identity = identify(evaluator, reference)
@@ -69,8 +67,44 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
         scores["class_prompt"] = class_prompt
         scores["class_prior_retention"], sets["class"] = prior_retention(
             loaded, evaluator, class_prompt, identity[0], n=n, seed=seed, steps=steps, guidance=guidance)
+    _write(run, scores, sets)
+    return scores
+
+
+def _trained_model(run: Path, base: str | None, lora: bool):
+    """The run's output as an api.Model: base + its LoRA file, or the pipeline folder it wrote."""
+    from .. import api
+
+    if lora:
+        path = run / "pytorch_lora_weights.safetensors"
+        if not path.is_file():
+            raise ConceptorError(f"{run} has no pytorch_lora_weights.safetensors yet; finish or resume the run")
+        return api.load(base, loras=[path])
+    if not (run / "model_index.json").is_file():
+        raise ConceptorError(f"{run} has no trained model yet (model_index.json); finish or resume the run")
+    return api.load(str(run))
+
+
+def _finetune_scores(run: Path, cfg: dict, base: str | None, **kw) -> tuple[dict, dict]:
+    from .. import api
+    from ..data.captions import load_examples
+    from ..toyworld.evaluator import load_evaluator
+    from .style import evaluate_finetune
+
+    ft = cfg["finetune"]
+    # Bad rows were dealt with when the run trained; here they are only skipped (the eval needs a sample).
+    examples = load_examples(ft["dataset"], ft.get("image_column"), ft.get("caption_column"), skip_bad=True)
+    sample = random.Random(0).sample(examples, min(256, len(examples)))
+    tuned = _trained_model(run, base, bool(ft.get("lora")))
+    scores, sets = evaluate_finetune(tuned, api.load(base), load_evaluator(), [ex.image() for ex in sample],
+                                     [ex.caption for ex in examples], **kw)
+    return {"method": "finetune", **scores}, sets
+
+
+def _write(run: Path, scores: dict, sets: dict) -> None:
+    from ..sampling.grid import make_grid
+
     for name, images in sets.items():
         with atomic_path(run / f"eval-{name}.png") as tmp:
             make_grid(images, min(8, len(images))).save(tmp, format="PNG")
     write_text(run / "eval.json", json.dumps(scores, indent=2))
-    return scores
