@@ -4,8 +4,8 @@
                                [--batch-size 1] [--steps 20] [--warmup 5] [--mixed-precision bf16]
 
 `sd15` builds a full-size SD 1.5-architecture model from its config with random weights (speed and memory
-do not depend on weight values; nothing is downloaded) at 512 px, `sdxl` SDXL base's at 1024 px: GPU jobs. `bundled` is the toy-world
-model on the CPU. Each variant runs in its own subprocess, so peak memory (torch.cuda.max_memory_allocated
+do not depend on weight values; nothing is downloaded) at 512 px, `sdxl` SDXL base's at 1024 px: GPU jobs.
+`bundled` is the toy-world model on the CPU. Each variant runs in its own subprocess, so peak memory (torch.cuda.max_memory_allocated
 on a GPU, peak RSS on the CPU) is its own. Warm-up steps are excluded from the step time.
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ VARIANTS = {  # name -> (method, method section, extra train/optim settings)
     "db-prior-bf16": ("dreambooth", {"instance_prompt": "a photo of sks toy", "class_prompt": "a photo of a toy",
                                      "num_class_images": 4, "class_sampling_steps": 2}, {"mixed_precision": "bf16"}),
     "ft-cl": ("finetune", {}, {"channels_last": True}),
+    "ft-lora": ("finetune", {"lora": True, "rank": 4}, {}),
 }
 
 
@@ -151,12 +152,17 @@ def reference(variant: str, size: str, batch: int, steps: int, warmup: int) -> d
     cls = sorted(str(p) for p in Path(images(work / "cls", resolution)).glob("*.png"))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    if variant == "ref-db-prior":
+    if variant in ("ref-db-prior", "ref-ft"):
         from reference_dreambooth import run_reference
 
-        times = run_reference(str(folder), inst, cls, steps + warmup, batch, resolution,
-                              device="cuda" if cuda else "cpu")[warmup:]
-        samples = 2 * batch
+        ft = variant == "ref-ft"
+        if ft:  # a captioned dataset, as the "ft" variants train on
+            inst = sorted(str(p) for p in Path(images(work / "ft", resolution, n=max(4, 2 * batch),
+                                                      captions=True)).glob("*.png"))
+        captions = {p: Path(p).with_suffix(".txt").read_text() for p in inst} if ft else None
+        times = run_reference(str(folder), inst, None if ft else cls, steps + warmup, batch, resolution,
+                              lr=1e-5 if ft else 5e-6, device="cuda" if cuda else "cpu", captions=captions)[warmup:]
+        samples = batch if ft else 2 * batch
     else:
         from reference_ti import run_reference
 
@@ -199,7 +205,7 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
     key = method.replace("-", "_")
     folder = images(work / "img", resolution, n=max(4, 2 * batch), captions=method == "finetune")
     if method == "finetune":
-        section = {"dataset": folder, "cache_dir": str(work / "cache")}
+        section = {**section, "dataset": folder, "cache_dir": str(work / "cache")}
     cfg = build_config(method, None, {
         "data": {"images": folder, "resolution": resolution}, "optim": optim,
         "train": {"output": str(work / "run"), "steps": steps + warmup, "batch_size": batch, "log_every": 1,
@@ -223,7 +229,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["sd15", "sdxl", "bundled", "tiny"], default="bundled")
     ap.add_argument("--variants", default="ti,db-full,db-8bit-ckpt,lora,ft",
-                    help="any of " + ",".join(VARIANTS) + ",ref-ti,ref-db-prior (ref-* = the seeds' recipe)")
+                    help="any of " + ",".join(VARIANTS) + ",ref-ti,ref-db-prior,ref-ft (ref-* = the seeds' recipe)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
