@@ -6,7 +6,8 @@
 `sd15` builds a full-size SD 1.5-architecture model from its config with random weights (speed and memory
 do not depend on weight values; nothing is downloaded) at 512 px, `sdxl` SDXL base's at 1024 px: GPU jobs.
 `bundled` is the toy-world model on the CPU. Each variant runs in its own subprocess, so peak memory
-(torch.cuda.max_memory_allocated on a GPU, peak RSS on the CPU) is its own. Warm-up steps are excluded from the step time.
+(torch.cuda.max_memory_allocated on a GPU, peak RSS on the CPU) is its own. Warm-up steps are excluded
+from the step time.
 """
 from __future__ import annotations
 
