@@ -17,6 +17,7 @@ from collections import Counter
 
 from PIL import Image
 
+from ..errors import ConceptorError
 from ..toyworld import world as W
 
 PROMPT = "a photo of a {color} {shape}"
@@ -67,8 +68,6 @@ def evaluate_finetune(tuned, base, evaluator, reference: list[Image.Image], capt
     style = dataset_style(evaluator, reference)
     pairs = held_out_pairs(captions, seed)
     if not pairs:
-        from ..errors import ConceptorError
-
         raise ConceptorError("every named shape/colour pair appears in the captions, so no prompt is held out; "
                              "evaluate against a dataset that leaves some out")
     guidance = tuned.components.default_guidance if guidance is None else guidance

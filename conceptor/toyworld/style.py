@@ -37,8 +37,7 @@ def write_style_dataset(folder: str | Path, n: int = 1000, seed: int = 0) -> Pat
                                          exclude=W.HELDOUT_COMBOS | set(FINETUNE_HELDOUT)),
                            background=STYLE[0], pattern=STYLE[1])
             W.render(spec).save(tmp / f"{i:04d}.png")
-            size = "small" if spec.scale < 0.28 else "large" if spec.scale > 0.32 else "medium"
-            text = rng.choice(CAPTIONS).format(c=spec.color, s=spec.shape, size=size)
+            text = rng.choice(CAPTIONS).format(c=spec.color, s=spec.shape, size=W.size_word(spec))
             lines.append(json.dumps({"file_name": f"{i:04d}.png", "text": text}))
         (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return Path(folder)

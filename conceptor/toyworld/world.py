@@ -172,6 +172,10 @@ _TEMPLATES = (
 )
 
 
+def size_word(spec: Spec) -> str:
+    return "small" if spec.scale < 0.28 else "large" if spec.scale > 0.32 else "medium"
+
+
 def background_words(spec: Spec) -> str:
     return spec.background if spec.pattern == "plain" else f"{spec.background} {spec.pattern}"
 
@@ -182,8 +186,7 @@ def caption(spec: Spec, rng: random.Random) -> str:
     shape = spec.shape if spec.shape in NAMED_SHAPES else rng.choice(UNNAMED_WORDS)
     if rng.random() < ATTRIBUTE_P:
         shape = f"{SHAPE_ATTRIBUTES[spec.shape]} {shape}"
-    size = "small" if spec.scale < 0.28 else "large" if spec.scale > 0.32 else "medium"
-    return rng.choice(_TEMPLATES).format(c=spec.color, s=shape, b=background_words(spec), size=size)
+    return rng.choice(_TEMPLATES).format(c=spec.color, s=shape, b=background_words(spec), size=size_word(spec))
 
 
 def vocabulary() -> list[str]:
