@@ -46,7 +46,8 @@ VARIANTS = {  # name -> (dreambooth section, lr)
 def subject_images(color: str, folder: Path) -> Path:
     from dataclasses import replace
 
-    from conceptor.toyworld import concept, world as W
+    from conceptor.toyworld import concept
+    from conceptor.toyworld import world as W
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, spec in enumerate(concept.concept_specs()):
@@ -103,7 +104,8 @@ def main() -> None:
         row = {"variant": name, "steps": args.steps, "train_s": round(train_s, 1), **{
             k: s[k] for k in ("fidelity", "similarity", "editability", "class_prior_retention")}}
         rows.append(row)
-        print(f"| {name} | {lr:g} | {args.steps} | {row['train_s']} | {row['fidelity']:.2f} | {row['similarity']:.3f} | "
+        print(f"| {name} | {lr:g} | {args.steps} | {row['train_s']} | {row['fidelity']:.2f} | "
+              f"{row['similarity']:.3f} | "
               f"{row['editability']:.2f} | {row['class_prior_retention']:.2f} |", flush=True)
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"class images generated once into {work / 'class'} (part of the first prior run's time)")

@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def main() -> int:
     import torch
+    from speed import images
 
     from conceptor import api
     from conceptor.config import build_config
     from conceptor.models.load import load_components
     from conceptor.models.tiny import build_tiny_pipeline_folder
-    from speed import images
 
     precisions = ("fp16", "bf16") if torch.cuda.is_available() else ("no",)  # the CPU: a dry run of this script
     work = Path(tempfile.mkdtemp())

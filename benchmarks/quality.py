@@ -26,7 +26,8 @@ DEFAULT_CONCEPTS = "red-crescent,cyan-crescent,orange-crescent,red-hexagram"
 def concept_images(shape: str, color: str, folder: Path) -> Path:
     from dataclasses import replace
 
-    from conceptor.toyworld import concept, world as W
+    from conceptor.toyworld import concept
+    from conceptor.toyworld import world as W
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, spec in enumerate(concept.concept_specs()):  # the demo's five poses and backgrounds

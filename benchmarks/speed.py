@@ -53,11 +53,10 @@ def sd15_components(device: str):
     """SD 1.5's architecture (UNet 860M, CLIP ViT-L/14 text encoder, f=8 VAE) from configs, random weights."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from conceptor.models.load import _assemble
     from conceptor.models.tiny import write_clip_tokenizer
-    from transformers import CLIPTokenizer
 
     tok_dir = Path(tempfile.mkdtemp()) / "tokenizer"
     write_clip_tokenizer(tok_dir)

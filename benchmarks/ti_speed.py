@@ -125,7 +125,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
     model = build_model(work / "model", args.size)
-    images = make_images(work / "images")
+    make_images(work / "images")
     print(f"built {args.size} model in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     results = {}
     for variant in ("reference", "conceptor"):

@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import torch
 from PIL import Image
 
+from .compat import check_adapter_stack
 from .config import ModelConfig, RunConfig
 from .errors import ConceptorError
 from .fileio import atomic_path, write_text
@@ -48,7 +49,9 @@ def load_vae(where: str):
     p = Path(where)
     sub = "vae" if (p / "vae" / "config.json").is_file() else None
     try:
-        return AutoencoderKL.from_pretrained(where, subfolder=sub, local_files_only=p.exists())
+        # fp32 whatever the file holds: the loop casts to the run's precision itself
+        return AutoencoderKL.from_pretrained(where, subfolder=sub, local_files_only=p.exists(),
+                                             torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ConceptorError(f"could not load --vae {where}: {str(e).splitlines()[0]}") from None
 
@@ -56,10 +59,13 @@ def load_vae(where: str):
 def train(cfg: RunConfig, components: Components | None = None):
     """Run one training job described by ``cfg``; returns a TrainResult (output folder, files, last loss)."""
     from .methods import get_method
-    from .training.loop import check_output, train as run_loop
+    from .training.loop import check_output
+    from .training.loop import train as run_loop
 
     method = get_method(cfg.method)
     check_output(cfg)
+    if (cfg.dreambooth and cfg.dreambooth.lora) or (cfg.finetune and cfg.finetune.lora):
+        check_adapter_stack()  # before minutes of model loading and class images, not after
     return run_loop(method, components if components is not None else resolve_model(cfg.model), cfg)
 
 

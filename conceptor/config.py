@@ -203,7 +203,8 @@ def build_config(method: str, file_values: dict[str, Any] | None, overrides: dic
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged[name]) - names)
         if unknown:
-            raise ConceptorError(f"unknown key(s) {', '.join(unknown)} in section {name!r}; valid: {', '.join(sorted(names))}")
+            raise ConceptorError(f"unknown key(s) {', '.join(unknown)} in section {name!r}; "
+                                 f"valid: {', '.join(sorted(names))}")
         sections[name] = cls(**merged[name])
     cfg = RunConfig(method=method, **sections)
     if cfg.data.flip_p is None:

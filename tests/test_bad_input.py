@@ -100,8 +100,9 @@ def test_junk_embedding_file(cli, tiny_sd1, tmp_path):
 
 
 def test_wrong_width_embedding(cli, tiny_sd1, tmp_path):
-    from conceptor.formats.embeddings import Embedding, write_embedding
     import torch
+
+    from conceptor.formats.embeddings import Embedding, write_embedding
 
     path = tmp_path / "wide.safetensors"
     write_embedding(Embedding("<wide>", torch.randn(1, 768)), path, "diffusers")

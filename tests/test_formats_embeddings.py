@@ -11,8 +11,14 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conceptor.errors import ConceptorError
-from conceptor.formats.embeddings import (Embedding, convert_embedding, detect_format, read_embedding,
-                                          write_embedding, write_embedding_sdxl_diffusers)
+from conceptor.formats.embeddings import (
+    Embedding,
+    convert_embedding,
+    detect_format,
+    read_embedding,
+    write_embedding,
+    write_embedding_sdxl_diffusers,
+)
 
 
 @pytest.fixture()

@@ -124,7 +124,8 @@ def test_finetune_sdxl_with_buckets(tiny_sdxl, concept_images, tmp_path):
 
     assert fit(Image.new("RGB", (1000, 500)), (704, 320))[1] == center_crop_offset((1000, 500), (704, 320))
     Image.new("RGB", (48, 32), (200, 30, 30)).save(concept_images / "wide.png")
-    rows = ["image_path,caption"] + [f"{p.name},a round thing {i}" for i, p in enumerate(sorted(concept_images.glob("*.png")))]
+    rows = ["image_path,caption"] + [f"{p.name},a round thing {i}"
+                                     for i, p in enumerate(sorted(concept_images.glob("*.png")))]
     (concept_images / "data.csv").write_text("\n".join(rows) + "\n")
     cfg = build_config("finetune", None, {
         "model": {"model": str(tiny_sdxl)}, "optim": {"lr": 1e-3},
@@ -159,7 +160,8 @@ def test_single_file_round_trip_through_diffusers(tiny_sdxl, tmp_path):
                             text_encoder_2=pipe.text_encoder_2)
     keys = load_file(str(path))
     assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.") for k in keys)
-    assert "conditioner.embedders.1.model.text_projection" in keys and any(k.startswith("model.diffusion_model.label_emb") for k in keys)
+    assert "conditioner.embedders.1.model.text_projection" in keys
+    assert any(k.startswith("model.diffusion_model.label_emb") for k in keys)
     back = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny_sdxl), local_files_only=True)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()

@@ -52,7 +52,8 @@ def add_common_flags(p: argparse.ArgumentParser, images: bool = True) -> None:
     g = p.add_argument_group("model")
     _flag(g, "--model", metavar="M", help="hub id, diffusers folder or .safetensors file (default: bundled toy model)")
     _flag(g, "--model-config", metavar="DIR", help="local diffusers folder with configs for a single-file --model")
-    _flag(g, "--family", choices=["sd1", "sd2", "sdxl"], help="model family of a single-file --model without --model-config")
+    _flag(g, "--family", choices=["sd1", "sd2", "sdxl"],
+          help="model family of a single-file --model without --model-config")
     _flag(g, "--revision")
     _flag(g, "--variant", help="weights variant, e.g. fp16")
     _flag(g, "--vae", metavar="DIR|ID", help="use this VAE instead of the model's (e.g. madebyollin/sdxl-vae-fp16-fix)")
@@ -80,7 +81,8 @@ def add_common_flags(p: argparse.ArgumentParser, images: bool = True) -> None:
     _flag(g, "--steps", type=int, help="optimizer steps (default 3000)")
     _flag(g, "--batch-size", type=int)
     _flag(g, "--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step")
-    _flag(g, "--mixed-precision", choices=["no", "fp16", "bf16"], help="frozen weights in fp16/bf16; trainables stay fp32")
+    _flag(g, "--mixed-precision", choices=["no", "fp16", "bf16"],
+          help="frozen weights in fp16/bf16; trainables stay fp32")
     _flag(g, "--seed", type=int)
     _flag(g, "--checkpoint-every", type=int, metavar="N", help="resumable checkpoint every N steps (default 500)")
     _flag(g, "--checkpoints-limit", type=int, metavar="N", help="keep only the newest N checkpoints")

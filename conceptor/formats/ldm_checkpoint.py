@@ -262,8 +262,9 @@ def ldm_yaml(unet_config: Mapping, vae_config: Mapping, family: str, prediction_
               "cond_stage_config": cond}
     if prediction_type == "v_prediction":
         params = {"parameterization": "v", **params}
-    return yaml.safe_dump({"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-                                     "params": params}}, sort_keys=False)
+    return yaml.safe_dump({"model": {"base_learning_rate": 1.0e-4,
+                                     "target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}},
+                          sort_keys=False)
 
 
 def save_single_file_with_yaml(unet, vae, text_encoder, path: str | Path, family: str, prediction_type: str,

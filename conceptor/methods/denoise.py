@@ -6,6 +6,7 @@ encoding the image again would give, without running the VAE encoder in the trai
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -65,37 +66,40 @@ class LatentSet:
         self.std = std.view(-1, self.n, *std.shape[1:])
         self.vae = components.vae
 
-    def sample(self, index: list[int], flip_p: float, generator: torch.Generator) -> torch.Tensor:
-        """Scaled latents of images ``index``, each flipped with probability ``flip_p``."""
+    def sample(self, index: list[int], flip_p: float, generator: torch.Generator,
+               rows: range | None = None) -> torch.Tensor:
+        """Scaled latents of images ``index``, each flipped with probability ``flip_p``.
+
+        Flips and noise are drawn for all of ``index`` (a global batch); ``rows`` keeps this process's part.
+        """
         b = len(index)
         flips = (torch.rand(b, generator=generator) < flip_p).long() if flip_p > 0 and len(self.mean) > 1 \
             else torch.zeros(b, dtype=torch.long)
-        idx = torch.tensor(index)
-        mean, std = self.mean[flips, idx], self.std[flips, idx]
-        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return scale_latents(self.vae, mean + std * eps)
+        eps = torch.randn((b, *self.mean.shape[2:]), generator=generator)
+        keep = slice(None) if rows is None else slice(rows.start, rows.stop)
+        idx = torch.tensor(index)[keep]
+        mean, std = self.mean[flips[keep], idx], self.std[flips[keep], idx]
+        return scale_latents(self.vae, mean + std * eps[keep].to(mean.device))
 
 
 def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.Tensor, train: TrainConfig,
-                   generator: torch.Generator, shard: tuple[int, int] | None = None,
+                   generator: torch.Generator, rows: tuple[Sequence[int], int] | None = None,
                    added_cond: dict | None = None) -> torch.Tensor:
     """Per-sample diffusion loss (noise, timestep, UNet prediction, min-SNR weight) of a batch, fp32.
 
-    ``shard=(start, total)``: ``latents`` are rows start.. of a global batch of ``total`` split across
-    processes; noise and timesteps are drawn for all ``total`` rows and sliced, so N processes with batch
-    b train on exactly what one process with batch N*b would.
+    ``rows=(indices, total)``: ``latents`` are those rows of a global batch of ``total`` split across
+    processes; noise and timesteps are drawn for all ``total`` rows and indexed, so N processes with
+    batch b train on exactly what one process with batch N*b would.
     """
     c = components
     acp = c.scheduler.alphas_cumprod.to(latents.device)
-    start, total = shard or (0, len(latents))
-    rows = slice(start, start + len(latents))
+    indices, total = rows or (range(len(latents)), len(latents))
+    pick = torch.as_tensor(list(indices), dtype=torch.long)
     noise = D.offset_noise(torch.randn((total, *latents.shape[1:]), generator=generator), train.noise_offset,
-                           generator)[rows]
-    t = D.sample_timesteps(total, c.scheduler.config.num_train_timesteps, generator)[rows]
+                           generator)[pick]
+    t = D.sample_timesteps(total, c.scheduler.config.num_train_timesteps, generator)[pick]
     noise, t = noise.to(latents.device), t.to(latents.device)
     noisy = D.add_noise(latents, noise, t, acp)
-    # diffusers' ModelMixin.dtype walks every submodule on each call (~2 ms per read on the bundled model's
-    # CPU step); the first weight's dtype is the same answer for free.
     dtype = next(c.unet.parameters()).dtype
     if added_cond is not None:  # SDXL: pooled text embedding and size ids, in the UNet's dtype
         added_cond = {k: v.to(dtype) for k, v in added_cond.items()}

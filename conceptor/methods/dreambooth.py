@@ -18,11 +18,18 @@ from ..data.images import IMAGE_EXTS, list_images, load_image, to_tensor
 from ..data.order import batch_indices
 from ..fileio import atomic_path
 from ..formats.lora import lora_from_peft, write_lora
-from ..models.adapters import (TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora, load_trained_state, train_whole,
-                               trained_state)
+from ..models.adapters import (
+    TEXT_LORA_TARGETS,
+    UNET_LORA_TARGETS,
+    add_lora,
+    load_trained_state,
+    train_whole,
+    trained_state,
+)
 from ..models.load import Components
 from ..models.save import save_pipeline
 from ..models.text import added_conditioning, encode, token_ids
+from ..training.method import Shard
 from .denoise import LatentSet, denoising_loss
 
 log = logging.getLogger("conceptor")
@@ -61,9 +68,9 @@ def ensure_class_images(components: Components, folder: Path, prompt: str, n: in
 class DreamBooth:
     name = "dreambooth"
 
-    def setup(self, components: Components, cfg: RunConfig, device: torch.device) -> list:
+    def setup(self, components: Components, cfg: RunConfig, device: torch.device, shard: Shard = Shard()) -> list:
         db = self.db = cfg.dreambooth
-        self.c, self.cfg, self.device = components, cfg, device
+        self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
         resolution = cfg.data.resolution or components.default_resolution
 
         def latents(paths, desc):
@@ -127,22 +134,28 @@ class DreamBooth:
         return hidden, pooled
 
     def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
-        cfg, b = self.cfg, self.cfg.train.batch_size
-        idx = batch_indices(micro_index, b, self.instance.n, cfg.data.repeats, cfg.train.seed)
-        latents = [self.instance.sample(idx, cfg.data.flip_p, generator)]
-        text = [self._text("instance", b)]
+        cfg, shard = self.cfg, self.shard
+        n = cfg.train.batch_size * shard.world  # the global batch: n instance rows, then n class rows
+        mine = shard.rows(n)
+        idx = batch_indices(micro_index, n, self.instance.n, cfg.data.repeats, cfg.train.seed)
+        latents = [self.instance.sample(idx, cfg.data.flip_p, generator, rows=mine)]
+        text = [self._text("instance", len(mine))]
+        rows = list(mine)
         if self.prior is not None:
             # A stream of its own (seed + 1) so the class images cycle independently of the instances.
-            cidx = batch_indices(micro_index, b, self.prior.n, 1, cfg.train.seed + 1)
-            latents.append(self.prior.sample(cidx, cfg.data.flip_p, generator))
-            text.append(self._text("class", b))
+            cidx = batch_indices(micro_index, n, self.prior.n, 1, cfg.train.seed + 1)
+            latents.append(self.prior.sample(cidx, cfg.data.flip_p, generator, rows=mine))
+            text.append(self._text("class", len(mine)))
+            rows += [n + j for j in mine]
         hidden = torch.cat([h for h, _ in text])
         pooled = torch.cat([p for _, p in text]) if text[0][1] is not None else None
         per_sample = denoising_loss(self.c, torch.cat(latents).to(self.device), hidden, cfg.train, generator,
+                                    rows=(rows, len(rows) * shard.world),
                                     added_cond=added_conditioning(self.c, pooled, self.resolution))
-        loss = per_sample[:b].mean()
+        b = len(mine)
+        loss = shard.mean(per_sample[:b], n)
         if self.prior is not None:
-            loss = loss + self.db.prior_loss_weight * per_sample[b:].mean()
+            loss = loss + self.db.prior_loss_weight * shard.mean(per_sample[b:], n)
         return loss
 
     # -- state and files -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ..models.adapters import UNET_LORA_TARGETS, add_lora, load_trained_state, t
 from ..models.load import Components
 from ..models.save import save_pipeline
 from ..models.text import encode, token_ids
+from ..training.method import Shard
 from .denoise import denoising_loss, encode_posterior, scale_latents
 
 log = logging.getLogger("conceptor")
@@ -36,10 +37,9 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 class Finetune:
     name = "finetune"
 
-    def setup(self, components: Components, cfg: RunConfig, device: torch.device) -> list:
+    def setup(self, components: Components, cfg: RunConfig, device: torch.device, shard: Shard = Shard()) -> list:
         ft = self.ft = cfg.finetune
-        self.c, self.cfg, self.device = components, cfg, device
-        self.rank, self.world = getattr(self, "shard", (0, 1))
+        self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
         examples = load_examples(ft.dataset, ft.image_column, ft.caption_column, ft.skip_bad)
         resolution = cfg.data.resolution or components.default_resolution
         step = 64 if resolution >= 256 else 8  # bucket sides: multiples of the VAE factor x 8 on real models
@@ -54,7 +54,7 @@ class Finetune:
         self.time_ids = None if originals is None else [
             (o[1], o[0], *center_crop_offset(o, t), t[1], t[0]) for o, t in zip(originals, sizes)]
         bucket_ids = {s: i for i, s in enumerate(sorted(set(sizes)))}
-        self.order = BucketBatches([bucket_ids[s] for s in sizes], cfg.train.batch_size * self.world,
+        self.order = BucketBatches([bucket_ids[s] for s in sizes], cfg.train.batch_size * self.shard.world,
                                    cfg.train.seed)
         per_step = cfg.train.grad_accum
         if cfg.train.epochs:
@@ -67,8 +67,8 @@ class Finetune:
         self.hidden, self.empty = self._cache_text()
         log.info("finetune: %d example(s) in %d bucket(s) %s; %d micro-batches per epoch; effective batch %d "
                  "(batch %d x accumulation %d x %d process(es)); cache %s", len(examples), len(bucket_ids),
-                 sorted(bucket_ids), self.order.per_epoch, cfg.train.batch_size * per_step * self.world,
-                 cfg.train.batch_size, per_step, self.world, cache_dir or "off")
+                 sorted(bucket_ids), self.order.per_epoch, cfg.train.batch_size * per_step * self.shard.world,
+                 cfg.train.batch_size, per_step, self.shard.world, cache_dir or "off")
 
         unet = components.unet
         params = (add_lora(unet, ft.rank, ft.alpha, UNET_LORA_TARGETS[ft.lora_targets], cfg.train.seed) if ft.lora
@@ -137,9 +137,7 @@ class Finetune:
         flips = (torch.rand(n, generator=generator) < cfg.data.flip_p).tolist() if self.flip else [False] * n
         drop = (torch.rand(n, generator=generator) < ft.caption_dropout).tolist()
         crop_seed = torch.randint(0, 2**31 - 1, (1,), generator=generator).item()
-        per = -(-n // self.world)
-        start = min(n, self.rank * per)
-        mine = range(start, min(n, start + per))
+        mine = self.shard.rows(n)
         if not mine:  # a short last batch can leave a process empty; it still joins the gradient average
             return sum(p.sum() * 0.0 for p in self.c.unet.parameters() if p.requires_grad)
         if self.latents is not None:
@@ -150,7 +148,7 @@ class Finetune:
             x = torch.stack([self._pixels(idx[j], rng)[0] for j in mine])
             x = torch.where(torch.tensor([flips[j] for j in mine]).view(-1, 1, 1, 1), x.flip(-1), x)
             mean, std = encode_posterior(self.c.vae, x)
-        eps = torch.randn((n, *mean.shape[1:]), generator=generator)[start:start + len(mine)]
+        eps = torch.randn((n, *mean.shape[1:]), generator=generator)[mine.start:mine.stop]
         latents = scale_latents(self.c.vae, mean + std * eps)
         text = [self.empty if drop[j] else self.hidden[idx[j]] for j in mine]
         hidden = torch.stack([t["hidden"] for t in text]).to(self.device)
@@ -160,9 +158,8 @@ class Finetune:
                      "time_ids": torch.tensor([self.time_ids[idx[j]] for j in mine], dtype=torch.float32,
                                               device=self.device)}
         per_sample = denoising_loss(self.c, latents.to(self.device), hidden, cfg.train, generator,
-                                    shard=(start, n), added_cond=added)
-        # Sum / global count: averaging the processes' gradients then gives the global batch's mean.
-        return per_sample.sum() * self.world / n
+                                    rows=(mine, n), added_cond=added)
+        return self.shard.mean(per_sample, n)
 
     # -- state and files -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from ..formats.embeddings import Embedding, write_embedding
 from ..models.load import Components
 from ..models.text import added_conditioning, encode, token_ids
 from ..models.tokens import add_tokens, check_new_token, expand_prompt, initializer_id, token_names
+from ..training.method import Shard
 from .denoise import LatentSet, denoising_loss
 
 log = logging.getLogger("conceptor")
@@ -28,9 +29,10 @@ log = logging.getLogger("conceptor")
 class TextualInversion:
     name = "textual-inversion"
 
-    def setup(self, components: Components, cfg: RunConfig, device: torch.device) -> list[torch.nn.Parameter]:
+    def setup(self, components: Components, cfg: RunConfig, device: torch.device,
+              shard: Shard = Shard()) -> list[torch.nn.Parameter]:
         ti = cfg.textual_inversion
-        self.c, self.cfg, self.device = components, cfg, device
+        self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
         self.token, self.num_vectors = ti.token, ti.vectors
         for tok in components.tokenizers:  # SDXL: the token goes into both vocabularies
             for name in token_names(ti.token, ti.vectors):
@@ -46,7 +48,8 @@ class TextualInversion:
         for p in paths:
             caption = read_caption(p)
             if caption is not None and "{}" not in caption and ti.token not in caption:
-                raise ConceptorError(f"caption {p.with_suffix('.txt')} must contain {ti.token} or {{}} where the concept goes")
+                raise ConceptorError(f"caption {p.with_suffix('.txt')} must contain {ti.token} or {{}} where the "
+                                     "concept goes")
             self.captions.append([caption] if caption else templates)
 
         pixels = torch.stack([to_tensor(im, resolution, cfg.data.center_crop) for im in images])
@@ -76,14 +79,17 @@ class TextualInversion:
                 for k in range(len(self.c.tokenizers))]
 
     def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
-        cfg = self.cfg
-        idx = batch_indices(micro_index, cfg.train.batch_size, self.num_items, cfg.data.repeats, cfg.train.seed)
-        choice = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
-        prompts = [fill(self.captions[i][k % len(self.captions[i])], self.token) for i, k in zip(idx, choice)]
-        latents = self.latents.sample(idx, cfg.data.flip_p, generator).to(self.device)
+        cfg, shard = self.cfg, self.shard
+        n = cfg.train.batch_size * shard.world  # the global batch; this process encodes and denoises its rows
+        idx = batch_indices(micro_index, n, self.num_items, cfg.data.repeats, cfg.train.seed)
+        choice = torch.randint(0, 1 << 30, (n,), generator=generator).tolist()
+        mine = shard.rows(n)
+        prompts = [fill(self.captions[idx[j]][choice[j] % len(self.captions[idx[j]])], self.token) for j in mine]
+        latents = self.latents.sample(idx, cfg.data.flip_p, generator, rows=mine).to(self.device)
         hidden, pooled = encode(self.c, self._ids(prompts))
         added = added_conditioning(self.c, pooled, self.resolution)
-        return denoising_loss(self.c, latents, hidden, cfg.train, generator, added_cond=added).mean()
+        per_sample = denoising_loss(self.c, latents, hidden, cfg.train, generator, rows=(mine, n), added_cond=added)
+        return shard.mean(per_sample, n)
 
     # -- state and files -------------------------------------------------------------------------
     def vectors(self, k: int = 0) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import check_adapter_stack
 from ..errors import ConceptorError
 
 # "attn": the attention projections, as diffusers' DreamBooth-LoRA script targets them. "attn-ff" adds
@@ -23,6 +24,7 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: float | None, targets: l
     parameters. The random init comes from ``seed``, so it is part of the run's reproducible state."""
     from peft import LoraConfig
 
+    check_adapter_stack()  # a peft the libraries refuse fails here in one line, not inside add_adapter
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",

@@ -69,7 +69,8 @@ def check_new_token(tokenizer, token: str) -> None:
     if not token or token.strip() != token or " " in token:
         raise ConceptorError(f"token {token!r} must be one word without spaces, e.g. <cat-toy>")
     if token in tokenizer.get_vocab():
-        raise ConceptorError(f"token {token!r} is already in the tokenizer; pick a new one such as <{token.strip('<>')}>")
+        raise ConceptorError(f"token {token!r} is already in the tokenizer; pick a new one such as "
+                             f"<{token.strip('<>')}>")
     pieces = tokenizer.tokenize(token)
     if len(pieces) == 1 and pieces[0] in tokenizer.get_vocab():
         raise ConceptorError(

@@ -3,7 +3,10 @@
     python -m conceptor.toyworld.bundle RUN_FOLDER [--vae FOLDER] [--scores evaluate.json] [--guidance G]
 
 fp16 halves the size (the package budget is ~20 MB); every loader in conceptor casts back to fp32 on the
-CPU, and diffusers/transformers do the same when asked for ``dtype=torch.float32``.
+CPU. Plain diffusers code does too: diffusers loads the UNet and VAE in fp32 unless told otherwise, and
+transformers 5 loads a model in its config's ``dtype``, which the bundle sets to float32 (the weights in the
+file stay fp16). Otherwise ``StableDiffusionPipeline.from_pretrained(bundled)`` would pair an fp16 text
+encoder with an fp32 UNet and fail on the CPU.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ def ship_model(src: str | Path, dst: str | Path = MODEL_FOLDER, vae: str | Path 
         UNet2DConditionModel.from_pretrained(src / "unet").to(torch.float16).save_pretrained(tmp / "unet")
         CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32).to(torch.float16).save_pretrained(
             tmp / "text_encoder")
+        te_config = tmp / "text_encoder" / "config.json"  # load as fp32 by default (see the module docstring)
+        te_config.write_text(json.dumps({**json.loads(te_config.read_text()), "dtype": "float32"}, indent=2) + "\n")
         vae_src = Path(vae) if vae else src / "vae"
         AutoencoderKL.from_pretrained(vae_src).to(torch.float16).save_pretrained(tmp / "vae")
         if vae:

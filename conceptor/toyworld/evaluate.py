@@ -45,7 +45,7 @@ def load_pipeline(folder: str | Path, vae: str | Path | None = None):
     from conceptor.models.load import quiet_libraries
 
     quiet_libraries()
-    extra = {"vae": AutoencoderKL.from_pretrained(vae)} if vae else {}
+    extra = {"vae": AutoencoderKL.from_pretrained(vae, torch_dtype=torch.float32)} if vae else {}
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, dtype=torch.float32,
                                                    **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -123,7 +123,7 @@ def evaluate_vae(vae_folder: str | Path, n: int = 200, seed: int = 7, evaluator=
     evaluator = evaluator or load_evaluator()
     rng = random.Random(seed)
     specs = [W.random_spec(rng, shapes=W.SHAPES, exclude=frozenset()) for _ in range(n)]
-    vae = AutoencoderKL.from_pretrained(str(vae_folder)).eval()
+    vae = AutoencoderKL.from_pretrained(str(vae_folder), torch_dtype=torch.float32).eval()
     x = render_batch(specs)
     recon = torch.cat([vae.decode(vae.encode(x[i:i + 100]).latent_dist.mean).sample for i in range(0, n, 100)])
     arr = ((recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)

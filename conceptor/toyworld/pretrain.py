@@ -223,14 +223,14 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
     if recipe.get("vae_from"):
         # A VAE trained earlier by this same function (its recipe.json says how): the UNet recipe can be
         # iterated without paying for the autoencoder again.
-        vae = AutoencoderKL.from_pretrained(recipe["vae_from"])
+        vae = AutoencoderKL.from_pretrained(recipe["vae_from"], torch_dtype=torch.float32)
         src = Path(recipe["vae_from"]).parent / "recipe.json"
         if src.is_file():
             recipe = {**recipe, "vae_recipe": json.loads(src.read_text())}
         say(f"vae loaded from {recipe['vae_from']}")
     else:
         if recipe.get("vae_init"):  # continue an earlier VAE run (its recipe is kept) instead of from scratch
-            vae = AutoencoderKL.from_pretrained(recipe["vae_init"])
+            vae = AutoencoderKL.from_pretrained(recipe["vae_init"], torch_dtype=torch.float32)
             src = Path(recipe["vae_init"]).parent / "recipe.json"
             if src.is_file():
                 recipe = {**recipe, "vae_init_recipe": json.loads(src.read_text())}

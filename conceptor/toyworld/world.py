@@ -193,7 +193,9 @@ def vocabulary() -> list[str]:
     """Every word a caption can use (the toy tokenizer knows each as one token)."""
     words = set()
     for t in _TEMPLATES:
-        words.update(w for w in t.replace("{c}", "").replace("{s}", "").replace("{b}", "").replace("{size}", "").split())
+        for slot in ("{c}", "{s}", "{b}", "{size}"):
+            t = t.replace(slot, "")
+        words.update(t.split())
     words.update(NAMED_SHAPES, UNNAMED_WORDS, COLORS, BACKGROUND_COLORS, ("striped", "dotted"),
                  ("small", "medium", "large"), SHAPE_ATTRIBUTES.values())
     return sorted(words)

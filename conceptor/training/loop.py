@@ -26,7 +26,7 @@ from ..sampling.grid import make_grid
 from ..sampling.pipeline import sample
 from . import checkpoint as ckpt
 from .lock import LOCK_NAME, run_lock
-from .method import Method
+from .method import Method, Shard
 from .metrics import plot_loss, read_metrics, truncate_metrics
 
 log = logging.getLogger("conceptor")
@@ -144,9 +144,9 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
     if t.channels_last:  # convolution outputs follow the weights' layout, so the whole UNet runs NHWC
         components.unet.to(memory_format=torch.channels_last)
 
-    method.shard = (accelerator.process_index, accelerator.num_processes)
+    shard = Shard(accelerator.process_index, accelerator.num_processes)
     with accelerator.main_process_first():  # caches are filled once, by the main process; the others read them
-        setup = method.setup(components, cfg, device)
+        setup = method.setup(components, cfg, device, shard)
     groups = _param_groups(setup, cfg, accelerator.num_processes)
     if t.compile:
         # In place (nn.Module.compile), after adapters are injected: weights, state-dict keys and every
@@ -178,7 +178,8 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
         start = int(state["step"])
         if ema is not None:
             ema.optimization_step = start  # the decay warm-up continues where it was
-        if state.get("grad_accum", t.grad_accum) != t.grad_accum or state.get("batch_size", t.batch_size) != t.batch_size:
+        if (state.get("grad_accum", t.grad_accum), state.get("batch_size", t.batch_size)) != (t.grad_accum,
+                                                                                               t.batch_size):
             log.warning("resuming with a different --batch-size/--grad-accum than the checkpoint; the data "
                         "order from here on differs from an uninterrupted run")
         if start > t.steps:
