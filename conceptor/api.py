@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -86,6 +87,8 @@ def parse_embedding_arg(arg: str) -> tuple[Path, str | None]:
 
 def parse_lora_arg(arg: str) -> tuple[Path, float]:
     """``FILE`` or ``FILE:SCALE``; a folder means its pytorch_lora_weights.safetensors."""
+    import math
+
     path, scale = arg, 1.0
     if ":" in arg and not Path(arg).exists():
         head, tail = arg.rsplit(":", 1)
@@ -93,6 +96,8 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
             path, scale = head, float(tail)
         except ValueError:
             raise ConceptorError(f"--lora {arg}: the part after ':' must be a scale like 0.8") from None
+        if not math.isfinite(scale):  # float() takes "nan" and "inf"; merged, they turn every weight into NaN
+            raise ConceptorError(f"--lora {arg}: the scale {tail} is not a finite number; give one like 0.8")
     p = Path(path)
     if p.is_dir():
         p = p / "pytorch_lora_weights.safetensors"
@@ -126,8 +131,12 @@ class Model:
 
     def add_lora(self, path: str | Path, scale: float = 1.0) -> int:
         """Merge a LoRA (diffusers/PEFT or kohya file) into the weights at ``scale``; LoRAs add up."""
+        import math
+
         from .formats.lora import apply_lora, read_lora
 
+        if not math.isfinite(scale):  # checked before any weight changes: a NaN scale would poison the model
+            raise ConceptorError(f"LoRA scale {scale} for {Path(path).name} is not a finite number; give one like 0.8")
         c = self.components
         return apply_lora(read_lora(path), c.unet, c.text_encoder, scale, c.text_encoder_2)
 
@@ -137,10 +146,10 @@ class Model:
         """``num_images`` images of ``prompt``; image i uses seed ``seed + i`` so each is reproducible alone.
 
         ``guidance`` None is the model's default: 7.5, or what its folder's conceptor.json says."""
-        from .sampling.pipeline import sample
+        from .sampling.pipeline import check_sampling, sample
 
-        if num_images < 1 or steps < 1:
-            raise ConceptorError("--num-images and --steps must be at least 1")
+        check_sampling(steps=steps, guidance=guidance, width=width, height=height, batch_size=batch_size,
+                       scheduler=scheduler, num_images=num_images, seed=seed)
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
         return sample(self.components, [prompt] * num_images, [seed + i for i in range(num_images)],
                       negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
@@ -173,22 +182,51 @@ def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, lor
 
 
 def generate(prompt: str, model: str | None = None, embeddings: Sequence[str | Path] = (), *,
-             loras: Sequence[str | Path] = (), output: str | Path | None = None, **kwargs) -> list[Image.Image]:
+             loras: Sequence[str | Path] = (), output: str | Path | None = None, overwrite: bool = False,
+             **kwargs) -> list[Image.Image]:
     """One call: load, generate, and (with ``output``) write PNGs, a grid and the settings used."""
+    if output is not None:
+        check_image_output(output, image_names(kwargs.get("num_images", 1), kwargs.get("seed", 0)), overwrite)
     images = load(model, embeddings, loras=loras).generate(prompt, **kwargs)
     if output is not None:
         save_images(images, Path(output), {"prompt": prompt, "model": model, "loras": [str(x) for x in loras],
-                                           "embeddings": [str(e) for e in embeddings], **kwargs})
+                                           "embeddings": [str(e) for e in embeddings], **kwargs}, overwrite)
     return images
 
 
-def save_images(images: list[Image.Image], output: Path, settings: dict) -> list[Path]:
+def image_names(num_images: int, seed: int | None) -> list[str]:
+    """What ``save_images`` writes for ``num_images`` images from ``seed``."""
+    seed = seed or 0
+    return [f"{i:03d}-seed{seed + i}.png" for i in range(num_images)] + ["grid.png"] * (num_images > 1) + \
+        ["generation.json"]
+
+
+def check_image_output(output: str | Path, names: list[str], overwrite: bool = False) -> None:
+    """Refuse to replace files an earlier call left in ``output`` unless ``overwrite`` (callers check before
+    generating, so a refusal costs nothing); never anything that is not a regular file."""
+    from .fileio import check_target
+
+    output = Path(output)
+    check_target(output, want_dir=True)
+    taken = [n for n in names if os.path.lexists(output / n)]
+    for n in taken:
+        check_target(output / n)
+    if taken and not overwrite:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise ConceptorError(f"--output {output} already holds {taken[0]}{more} from an earlier run; choose "
+                             "another --output or pass --overwrite to replace those files")
+
+
+def save_images(images: list[Image.Image], output: Path, settings: dict, overwrite: bool = False) -> list[Path]:
+    """Write ``NNN-seedS.png`` per image, ``grid.png`` and ``generation.json`` (refusing to replace files
+    that are there unless ``overwrite``)."""
     from .sampling.grid import make_grid
 
-    seed = settings.get("seed", 0) or 0
+    names = image_names(len(images), settings.get("seed"))
+    check_image_output(output, names, overwrite)
     paths = []
     for i, im in enumerate(images):
-        path = output / f"{i:03d}-seed{seed + i}.png"
+        path = Path(output) / names[i]
         with atomic_path(path) as tmp:
             im.save(tmp, format="PNG")
         paths.append(path)
@@ -206,3 +244,14 @@ def convert_embedding(src: str | Path, dst: str | Path, to: str, token: str | No
     from .formats.embeddings import convert_embedding as convert
 
     return convert(src, dst, to=to, token=token)
+
+
+def convert_lora(src: str | Path, dst: str | Path, to: str):
+    """Rewrite a LoRA file in another tool's layout (diffusers/PEFT or kohya); returns the layers it read."""
+    from .formats.lora import read_lora, write_lora
+    from .formats.safe_load import refuse_same_file
+
+    refuse_same_file(src, dst)
+    lora = read_lora(src)
+    write_lora(lora, dst, to)
+    return lora

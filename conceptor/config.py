@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,50 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# What a config value must be, in the file's own words. An int field takes no bool (YAML's yes/no) and no
+# 3.0: a step count written as a float is more likely a typo than a wish; a float field takes ints.
+_KINDS = {bool: ("true or false", lambda v: isinstance(v, bool)),
+          int: ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+          str: ("a string", lambda v: isinstance(v, str))}
+_PLURAL = {bool: "true/false values", int: "whole numbers", float: "numbers", str: "strings"}
+
+
+def _kind_problem(hint: Any, value: Any) -> str | None:
+    """What ``value`` should be when it does not fit the annotation ``hint``; None when it fits."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        problem = _kind_problem(next(a for a in args if a is not type(None)), value)
+        return problem and f"{problem} or null"
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        ok = isinstance(value, list) and all(_kind_problem(item, v) is None for v in value)
+        return None if ok else f"a list of {_PLURAL[item]}"
+    if hint not in _KINDS:  # a field type this table does not know yet: its own checks apply
+        return None
+    word, fits = _KINDS[hint]
+    return None if fits(value) else word
+
+
+def _shown(value: Any) -> str:
+    """A file value as the user wrote it, one short line."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_types(section: str, cls: type, values: dict[str, Any]) -> None:
+    """Every known key of a config-file section against its dataclass annotation (unknown keys are caught later)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        problem = _kind_problem(hints[key], value) if key in hints else None
+        if problem:
+            raise ConceptorError(f"config file: {section}.{key} must be {problem}, got {_shown(value)}")
+
+
 def build_config(method: str, file_values: dict[str, Any] | None, overrides: dict[str, dict[str, Any]]) -> RunConfig:
     """Merge file values and CLI overrides (section -> key -> value; None means 'not given')."""
     if method not in METHOD_SECTIONS:
@@ -195,6 +241,7 @@ def build_config(method: str, file_values: dict[str, Any] | None, overrides: dic
             raise ConceptorError(f"unknown config section {name!r}; valid: {', '.join(classes)}")
         if not isinstance(values, dict):
             raise ConceptorError(f"config section {name!r} must be a mapping of key: value")
+        check_types(name, classes[name], values)
         merged[name].update(values)
     for name, values in overrides.items():
         merged[name].update({k: v for k, v in values.items() if v is not None})
@@ -216,8 +263,34 @@ def build_config(method: str, file_values: dict[str, Any] | None, overrides: dic
     return cfg
 
 
+# Keys with no CLI flag: a message names them as the config file spells them.
+_FILE_ONLY = {"adam_beta1", "adam_beta2", "adam_epsilon", "validation_sampling_steps"}
+# data/order.py seeds torch generators with seed * 1_000_003 + epoch, and torch takes at most 2**64 - 1:
+# seeds above 18446688733643 overflow at once (measured). 2**44 - 1 leaves room for 8e17 epochs, and for
+# the seed + 1, seed + k streams of class images and LoRA initialisation.
+MAX_TRAIN_SEED = 2**44 - 1
+
+
+def option_name(section: str, key: str) -> str:
+    """How the user gave a setting: its flag, or section.key for settings only a config file holds."""
+    return f"{section}.{key}" if key in _FILE_ONLY else "--" + key.replace("_", "-")
+
+
+def check_finite(cfg: RunConfig) -> None:
+    """NaN/inf in any float setting (a config file's .nan, a flag's 'inf') passes every < and > test silently."""
+    for section in (f.name for f in dataclasses.fields(cfg) if f.name != "method"):
+        values = getattr(cfg, section)
+        if values is None:  # another method's section
+            continue
+        for key, hint in typing.get_type_hints(type(values)).items():
+            value = getattr(values, key)
+            if float in (hint, *typing.get_args(hint)) and value is not None and not math.isfinite(value):
+                raise ConceptorError(f"{option_name(section, key)} must be a finite number, got {value}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks that need no model: each failure is one actionable line."""
+    check_finite(cfg)
     t, o, d = cfg.train, cfg.optim, cfg.data
     checks = [
         (t.steps >= 1, "--steps must be at least 1"),
@@ -227,12 +300,22 @@ def validate(cfg: RunConfig) -> None:
         (t.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0 = only at the end)"),
         (t.checkpoints_limit is None or t.checkpoints_limit >= 1, "--checkpoints-limit must be at least 1"),
         (t.validation_every >= 0, "--validation-every must be >= 0"),
+        (t.log_every >= 1, "--log-every must be at least 1"),
+        (t.validation_images >= 1, "--validation-images must be at least 1"),
+        (t.validation_sampling_steps >= 1, "train.validation_sampling_steps must be at least 1"),
+        (0 <= t.seed <= MAX_TRAIN_SEED, f"--seed must be between 0 and {MAX_TRAIN_SEED}, got {t.seed}"),
         (t.snr_gamma is None or t.snr_gamma > 0, "--snr-gamma must be positive (5.0 is the paper's value)"),
         (t.noise_offset >= 0, "--noise-offset must be >= 0"),
         (o.lr is not None and o.lr > 0, "--lr must be positive"),
         (0 < t.ema_decay < 1, "--ema-decay must be between 0 and 1, e.g. 0.9999"),
         (o.lr_scheduler in ("constant", "cosine", "linear"), "--lr-scheduler must be constant, cosine or linear"),
         (o.warmup >= 0, "--warmup must be >= 0"),
+        (o.max_grad_norm is None or o.max_grad_norm > 0,
+         "--max-grad-norm must be positive (e.g. 1.0); leave it out for no clipping"),
+        (o.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1 and adam_beta2 must be in [0, 1), "
+                                                           "e.g. 0.9 and 0.999"),
+        (o.adam_epsilon > 0, "optim.adam_epsilon must be positive, e.g. 1e-8"),
         (d.resolution is None or (d.resolution > 0 and d.resolution % 8 == 0),
          f"--resolution {d.resolution} must be a positive multiple of 8 (e.g. 512)"),
         (0.0 <= d.flip_p <= 1.0, "--flip-p must be between 0 and 1"),
@@ -251,6 +334,7 @@ def validate(cfg: RunConfig) -> None:
         checks += [
             (bool(db.instance_prompt), "--instance-prompt is required, e.g. 'a photo of sks toy'"),
             (db.num_class_images >= 1, "--num-class-images must be at least 1"),
+            (db.class_sampling_steps >= 1, "--class-sampling-steps must be at least 1"),
             (db.prior_loss_weight >= 0, "--prior-loss-weight must be >= 0"),
             (db.rank >= 1, "--rank must be at least 1"),
             (db.lora_targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
@@ -271,6 +355,7 @@ def validate(cfg: RunConfig) -> None:
                                "or a saved Hugging Face dataset"),
             (0 <= ft.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
             (ft.rank >= 1, "--rank must be at least 1"),
+            (ft.alpha is None or ft.alpha > 0, "--alpha must be positive"),
             (ft.lora_targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
             (not (ft.lora and ft.save_single_file), "--save-single-file writes a full model, not a LoRA"),
             (ft.min_res is None or ft.max_res is None or ft.min_res <= ft.max_res, "--min-res must be <= --max-res"),

@@ -120,7 +120,8 @@ def test_every_generate_flag_reaches_the_api(action, monkeypatch, tmp_path):
             return []
 
     monkeypatch.setattr(api, "load", lambda *a, **kw: calls.append(("load", a, kw)) or Loaded())
-    monkeypatch.setattr(api, "save_images", lambda images, out, settings: calls.append(("save", str(out))) or [])
+    monkeypatch.setattr(api, "save_images", lambda images, out, settings, overwrite=False:
+                        calls.append(("save", str(out), overwrite)) or [])
 
     def reached(extra: list[str]) -> list:
         calls.clear()

@@ -27,6 +27,14 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _close_progress_bars() -> None:
+    """A progress bar left open by an error would put the error on the bar's line; close them first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import convert, demo, eval, generate, toyworld, train
 
@@ -41,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if any("\x00" in str(a) for a in (sys.argv[1:] if argv is None else argv)):
+        print("error: an argument contains a NUL byte, which no path or prompt can hold; remove it", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and bad flags end here; keep main() callable in-process
@@ -50,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[log_handler], force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args.handler(args)
+        try:
+            args.handler(args)
+        except BaseException:
+            _close_progress_bars()
+            raise
     except ConceptorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,9 +26,8 @@ def run_embedding(args) -> None:
 
 
 def run_lora(args) -> None:
-    from ..formats.lora import read_lora, write_lora
+    from .. import api
 
-    lora = read_lora(args.src)
-    write_lora(lora, args.dst, args.to)
+    lora = api.convert_lora(args.src, args.dst, to=args.to)
     ranks = sorted({d.shape[0] for d, _ in lora.values()})
     print(f"wrote {args.dst} ({args.to}): {len(lora)} layer(s), rank {'/'.join(map(str, ranks))}")

@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--output", default="conceptor-images", metavar="DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace images an earlier generate left in --output under the same names")
     p.set_defaults(handler=run)
 
 
@@ -31,7 +33,12 @@ def run(args) -> None:
     from tqdm.auto import tqdm
 
     from .. import api
+    from ..sampling.pipeline import check_sampling
 
+    # Before the model loads: a typo in a number should cost nothing.
+    check_sampling(steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
+                   batch_size=args.batch_size, scheduler=args.scheduler, num_images=args.num_images, seed=args.seed)
+    api.check_image_output(args.output, api.image_names(args.num_images, args.seed), args.overwrite)
     model = api.load(args.model, args.embedding, model_config=args.model_config, family=args.family,
                      loras=args.lora, vae=args.vae)
     with tqdm(total=args.num_images, desc="generating", unit="img") as bar:
@@ -39,10 +46,10 @@ def run(args) -> None:
                                 steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                                 width=args.width, height=args.height, batch_size=args.batch_size,
                                 progress=bar.update)
-    settings = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "quiet")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "quiet", "overwrite")}
     from pathlib import Path
 
-    paths = api.save_images(images, Path(args.output), settings)
+    paths = api.save_images(images, Path(args.output), settings, overwrite=args.overwrite)
     print(f"wrote {len(images)} image(s) to {args.output}")
     for p in paths:
         print(f"  {p}")

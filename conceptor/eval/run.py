@@ -7,9 +7,12 @@ import random
 import re
 from pathlib import Path
 
-from ..config import config_from_saved
+import yaml
+
+from ..config import METHOD_SECTIONS, build_config, config_from_saved
 from ..errors import ConceptorError
 from ..fileio import atomic_path, write_text
+from ..training.manifest import Manifest
 
 log = logging.getLogger("conceptor")
 
@@ -30,13 +33,8 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
     from .concept import evaluate, has_toyworld_evaluator, identify, prior_retention
 
     run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise ConceptorError(f"{run} is not a run folder (no config.yaml)")
-    cfg = config_from_saved(run / "config.yaml") or {}
-    method = cfg.get("method")
-    if method not in ("textual-inversion", "dreambooth", "finetune"):
-        raise ConceptorError(f"conceptor eval measures textual-inversion, dreambooth and finetune runs; {run} is "
-                             f"{method!r}")
+    cfg = _saved_config(run)
+    method = cfg["method"]
     if not has_toyworld_evaluator():
         raise ConceptorError("the toy-world evaluator is not in this install; reinstall conceptor from its repo")
     base = model or cfg.get("model", {}).get("model")
@@ -69,6 +67,25 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
             loaded, evaluator, class_prompt, identity[0], n=n, seed=seed, steps=steps, guidance=guidance)
     _write(run, scores, sets)
     return scores
+
+
+def _saved_config(run: Path) -> dict:
+    """The run's config.yaml, checked as a config file is (types, sections), with every section filled in."""
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ConceptorError(f"{run} is not a run folder (no config.yaml)")
+    try:
+        raw = config_from_saved(path)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ConceptorError(f"{path} is damaged ({type(e).__name__}); it cannot be evaluated") from None
+    method = raw.get("method") if isinstance(raw, dict) else None
+    if method not in METHOD_SECTIONS:
+        raise ConceptorError(f"conceptor eval measures textual-inversion, dreambooth and finetune runs; {path} "
+                             f"names method {method!r}")
+    try:
+        return build_config(method, raw, {}).to_dict()
+    except ConceptorError as e:
+        raise ConceptorError(f"{path} is damaged or from another version: {e}") from None
 
 
 def _trained_model(run: Path, base: str | None, lora: bool):
@@ -104,7 +121,12 @@ def _finetune_scores(run: Path, cfg: dict, base: str | None, **kw) -> tuple[dict
 def _write(run: Path, scores: dict, sets: dict) -> None:
     from ..sampling.grid import make_grid
 
+    written = []
     for name, images in sets.items():
-        with atomic_path(run / f"eval-{name}.png") as tmp:
+        written.append(run / f"eval-{name}.png")
+        with atomic_path(written[-1]) as tmp:
             make_grid(images, min(8, len(images))).save(tmp, format="PNG")
     write_text(run / "eval.json", json.dumps(scores, indent=2))
+    manifest = Manifest.read(run)
+    if manifest is not None:  # the run's own files now: --overwrite removes them with the rest
+        manifest.add(*written, run / "eval.json")

@@ -18,9 +18,10 @@ import torch
 
 from ..errors import ConceptorError
 from ..fileio import atomic_path
-from .safe_load import load_tensors
+from .safe_load import PICKLES, SAFETENSORS, load_tensors, refuse_same_file
 
 FORMATS = ("diffusers", "a1111", "kohya")
+SDXL_DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")  # diffusers' two-file form
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Embedding:
 
 
 def detect_format(sd: dict[str, Any]) -> str:
-    if "string_to_param" in sd or any(k.startswith("string_to_param.") for k in sd):
+    if "string_to_param" in sd or any(str(k).startswith("string_to_param.") for k in sd):
         return "a1111"
     if "clip_l" in sd and "clip_g" in sd:
         return "sdxl"
@@ -51,16 +52,19 @@ def detect_format(sd: dict[str, Any]) -> str:
 
 def _check(t: Any, where: str, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise ConceptorError(f"{where}: {name} is a {type(t).__name__}, not a tensor")
+        raise ConceptorError(f"{where}: {name} holds a {type(t).__name__} value, not a tensor")
     if not t.is_floating_point():
         raise ConceptorError(f"{where}: {name} has dtype {t.dtype}; embeddings are floating point")
-    if t.ndim == 1:
+    if t.layout != torch.strided:
+        raise ConceptorError(f"{where}: {name} is a {t.layout} tensor; embeddings are plain dense tensors")
+    shape = tuple(t.shape)
+    if t.ndim == 1:  # one vector as older diffusers files store it (kohya reads these the same way)
         t = t.unsqueeze(0)
     if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-        raise ConceptorError(f"{where}: {name} has shape {tuple(t.shape)}; expected [num_vectors, hidden]")
+        raise ConceptorError(f"{where}: {name} has shape {shape}; expected [num_vectors, hidden]")
     t = t.detach().float().cpu().contiguous()
     if not torch.isfinite(t).all():
-        raise ConceptorError(f"{where}: {name} contains NaN or inf values; the file is damaged")
+        raise ConceptorError(f"{where}: {name} holds NaN/inf; the file is damaged")
     return t
 
 
@@ -70,24 +74,35 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     sd, meta = load_tensors(p)
     if not sd:
         raise ConceptorError(f"{p.name} holds no tensors")
-    fmt = detect_format(sd)
+    try:
+        fmt = detect_format(sd)
+    except ConceptorError as e:  # name the file: the user may be loading several
+        raise ConceptorError(f"{p.name} is {e}") from None
     name = token or meta.get("token") or meta.get("name")
     if fmt == "diffusers":
         (key, value), = sd.items()
+        if not isinstance(key, str):  # the key becomes the token the prompt uses
+            raise ConceptorError(f"{p.name}: its one key {key!r} (of type {type(key).__name__}) is not a token name")
         return Embedding(token or key, _check(value, p.name, key))
     if fmt == "sdxl":
-        return Embedding(name or p.stem, _check(sd["clip_l"], p.name, "clip_l"), _check(sd["clip_g"], p.name, "clip_g"))
+        clip_l, clip_g = _check(sd["clip_l"], p.name, "clip_l"), _check(sd["clip_g"], p.name, "clip_g")
+        if clip_l.shape[0] != clip_g.shape[0]:  # one token must span as many positions in both encoders
+            raise ConceptorError(f"{p.name}: clip_l holds {clip_l.shape[0]} vector(s) but clip_g "
+                                 f"{clip_g.shape[0]}; an SDXL embedding has as many in each")
+        return Embedding(name or p.stem, clip_l, clip_g)
     if fmt == "kohya":
         return Embedding(name or p.stem, _check(sd["emb_params"], p.name, "emb_params"))
     # a1111
     params = sd.get("string_to_param")
     if params is None:
-        params = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("string_to_param.")}
+        params = {k.split(".", 1)[1]: v for k, v in sd.items() if str(k).startswith("string_to_param.")}
     if not isinstance(params, dict) or not params:
         raise ConceptorError(f"{p.name}: string_to_param is empty or not a mapping")
     if len(params) != 1:
         raise ConceptorError(f"{p.name} holds {len(params)} embeddings ({', '.join(map(str, params))}); expected one")
-    vectors = _check(next(iter(params.values())), p.name, "string_to_param")
+    # The key under string_to_param ("*") means nothing: A1111 takes the one value whatever its key, so do we.
+    (key, value), = params.items()
+    vectors = _check(value, p.name, f"string_to_param[{key!r}]")
     stored = sd.get("name") if isinstance(sd.get("name"), str) else None
     return Embedding(token or stored or name or p.stem, vectors)
 
@@ -104,6 +119,10 @@ def write_embedding(emb: Embedding, path: str | Path, fmt: str = "diffusers", st
     if emb.vectors_2 is not None:
         if fmt == "diffusers":
             raise ConceptorError("diffusers keeps SDXL embeddings as two files; use write_embedding_sdxl_diffusers")
+        if p.suffix.lower() != ".safetensors":  # no tool reads an SDXL embedding from a pickle
+            raise ConceptorError(f"{p.name}: SDXL embeddings have no {p.suffix or 'extension-less'} form "
+                                 "(A1111, ComfyUI and kohya read {clip_l, clip_g} .safetensors); "
+                                 f"name it {p.stem}.safetensors")
         sd = {"clip_l": v, "clip_g": emb.vectors_2.detach().float().cpu().contiguous()}
         with atomic_path(p) as tmp:
             save_file(sd, str(tmp), metadata=meta)
@@ -116,7 +135,8 @@ def write_embedding(emb: Embedding, path: str | Path, fmt: str = "diffusers", st
         return p
     if p.suffix.lower() != ".safetensors":
         raise ConceptorError(f"{p.name}: {fmt} embeddings are written as .safetensors"
-                             + (" (or .pt for a1111)" if fmt == "a1111" else ""))
+                             + (" (or .pt/.bin for a1111)" if fmt == "a1111" else "")
+                             + f"; name it {p.stem}.safetensors")
     sd = {"diffusers": {emb.token: v}, "a1111": {"string_to_param.*": v}, "kohya": {"emb_params": v}}[fmt]
     with atomic_path(p) as tmp:
         save_file(sd, str(tmp), metadata=meta)
@@ -130,7 +150,7 @@ def write_embedding_sdxl_diffusers(emb: Embedding, folder: str | Path) -> tuple[
     if emb.vectors_2 is None:
         raise ConceptorError("not an SDXL embedding (no second-encoder vectors)")
     folder = Path(folder)
-    paths = (folder / "learned_embeds.safetensors", folder / "learned_embeds_2.safetensors")
+    paths = (folder / SDXL_DIFFUSERS_FILES[0], folder / SDXL_DIFFUSERS_FILES[1])
     for path, v in zip(paths, (emb.vectors, emb.vectors_2)):
         with atomic_path(path) as tmp:
             save_file({emb.token: v.detach().float().cpu().contiguous()}, str(tmp),
@@ -140,8 +160,16 @@ def write_embedding_sdxl_diffusers(emb: Embedding, folder: str | Path) -> tuple[
 
 def convert_embedding(src: str | Path, dst: str | Path, to: str, token: str | None = None) -> Embedding:
     """Rewrite in another layout. SDXL to diffusers writes its two-file form into the folder ``dst``."""
+    refuse_same_file(src, dst)
     emb = read_embedding(src, token=token)
     if emb.vectors_2 is not None and to == "diffusers":
+        dst = Path(dst)
+        if dst.suffix.lower() in SAFETENSORS | PICKLES or dst.is_file():
+            raise ConceptorError(f"{dst.name}: diffusers keeps SDXL embeddings as two files "
+                                 f"({', '.join(SDXL_DIFFUSERS_FILES)}); give a folder as OUT, or --to kohya for "
+                                 "the one-file form A1111 and ComfyUI read")
+        for name in SDXL_DIFFUSERS_FILES:
+            refuse_same_file(src, dst / name)
         write_embedding_sdxl_diffusers(emb, dst)
     else:
         write_embedding(emb, dst, to)

@@ -10,6 +10,7 @@ every file we write means the same thing in every loader, and no alpha metadata 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..errors import ConceptorError
 from ..fileio import atomic_path
-from .safe_load import load_tensors
+from .safe_load import load_tensors, refuse_same_file
 
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 FORMATS = ("diffusers", "kohya")
@@ -46,12 +47,29 @@ def _kohya_to_dotted(name: str) -> str:
 def read_lora(path: str | Path) -> LoraWeights:
     """Read a diffusers/PEFT or kohya LoRA file (safetensors; pickles only as plain tensors)."""
     data, _ = load_tensors(path)
-    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    path = Path(path).name  # messages name the file, as the user gave it
+    tensors = _tensors_of(data, path)
     if not tensors:
         raise ConceptorError(f"{path} holds no tensors; is it a LoRA file?")
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in tensors):
         return _from_kohya(tensors, path)
     return _from_diffusers(tensors, path)
+
+
+def _tensors_of(data: dict, where: str) -> dict[str, torch.Tensor]:
+    """The file's tensors by name. A weight or alpha that is not a tensor is named, not skipped: skipping it
+    would report a missing pair, which sends the user looking for the wrong thing."""
+    out = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConceptorError(f"{where}: key {key!r} (of type {type(key).__name__}) is not a name; a LoRA file "
+                                 "maps layer names to tensors")
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif key.endswith((".weight", ".alpha")):
+            raise ConceptorError(f"{where}: {key} holds a {type(value).__name__} value, not a tensor; the file is "
+                                 "damaged")
+    return out
 
 
 def _from_kohya(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
@@ -63,7 +81,6 @@ def _from_kohya(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
         up = tensors.get(base + ".lora_up.weight")
         if up is None:
             raise ConceptorError(f"{path}: {base} has lora_down but no lora_up; the file is incomplete")
-        down = tensors[key].float()
         if base.startswith("lora_unet_"):
             name = "unet." + _kohya_to_dotted(base[len("lora_unet_"):])
         elif base.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
@@ -71,7 +88,7 @@ def _from_kohya(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
             name = prefix + _module_of(_kohya_to_dotted(base.split("_", 2)[2]))
         else:
             continue
-        out[name] = _fold(down, up.float(), tensors.get(base + ".alpha"))
+        out[name] = _fold(tensors, path, key, base + ".lora_up.weight", base + ".alpha")
     if not out:
         raise ConceptorError(f"{path} has kohya-style keys but no lora_down/lora_up pairs")
     return out
@@ -95,27 +112,72 @@ def _from_diffusers(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
                     prefix, module = "unet", base
                 if prefix != "unet":
                     module = _module_of(module)
-                alpha = tensors.get(base + ".alpha")
-                out[f"{prefix}.{module}"] = _fold(tensors[key].float(), up.float(), alpha)
+                out[f"{prefix}.{module}"] = _fold(tensors, path, key, base + up_suffix, base + ".alpha")
     if not out:
         raise ConceptorError(f"{path} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys); "
                              "is it a full checkpoint or an embedding?")
     return out
 
 
-def _fold(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise ConceptorError(f"LoRA matrices of shapes {tuple(up.shape)} x {tuple(down.shape)} do not chain; "
-                             "only Linear-layer LoRAs are supported")
+def _fold(tensors: dict[str, torch.Tensor], where: str, down_key: str, up_key: str,
+          alpha_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up * alpha / rank) of one layer; anything odd is named by file and key here, where it enters,
+    not later as NaN images or a bad learning rate."""
+    down, up = _matrix(tensors[down_key], where, down_key), _matrix(tensors[up_key], where, up_key)
+    if down.ndim != 2 or up.ndim != 2:
+        raise ConceptorError(f"{where}: {down_key} has shape {tuple(down.shape)} and {up_key.rsplit('.', 2)[-2]} "
+                             f"{tuple(up.shape)}; only Linear-layer LoRAs ([rank, in] and [out, rank]) are supported")
+    if 0 in down.shape or 0 in up.shape:
+        raise ConceptorError(f"{where}: {down_key} has shape {tuple(down.shape)} and {up_key.rsplit('.', 2)[-2]} "
+                             f"{tuple(up.shape)}: an empty (rank 0) layer; the file is damaged")
+    if up.shape[1] != down.shape[0]:
+        raise ConceptorError(f"{where}: LoRA matrices of shapes {tuple(up.shape)} x {tuple(down.shape)} do not "
+                             f"chain ({up_key} x {down_key}); the file is damaged")
+    alpha = tensors.get(alpha_key)
     if alpha is not None:
-        up = up * (float(alpha) / down.shape[0])
+        up = up * (_alpha(alpha, where, alpha_key) / down.shape[0])
+        if not torch.isfinite(up).all():
+            raise ConceptorError(f"{where}: {alpha_key} is {float(alpha.reshape(())):g}, which overflows "
+                                 f"{up_key}; the file is damaged")
     return down.contiguous(), up.contiguous()
+
+
+def _matrix(t: torch.Tensor, where: str, key: str) -> torch.Tensor:
+    if not t.is_floating_point():
+        raise ConceptorError(f"{where}: {key} has dtype {t.dtype}; LoRA weights are floating point")
+    if t.layout != torch.strided:
+        raise ConceptorError(f"{where}: {key} is a {t.layout} tensor; LoRA weights are plain dense tensors")
+    t = t.detach().float()
+    if not torch.isfinite(t).all():
+        raise ConceptorError(f"{where}: {key} holds NaN/inf; the file is damaged")
+    return t
+
+
+def _alpha(alpha: torch.Tensor, where: str, key: str) -> float:
+    """kohya's alpha: one positive number. [1] and [1, 1] shapes pass, as A1111, ComfyUI and diffusers read them
+    with ``.item()``; 0 would silently switch the layer off, a negative value flip it."""
+    if alpha.layout != torch.strided or alpha.numel() != 1:
+        raise ConceptorError(f"{where}: {key} has shape {tuple(alpha.shape)}; alpha is a single number")
+    if alpha.dtype == torch.bool or alpha.is_complex():
+        raise ConceptorError(f"{where}: {key} has dtype {alpha.dtype}; alpha is a real number")
+    value = float(alpha.reshape(()))
+    if not math.isfinite(value):
+        raise ConceptorError(f"{where}: {key} holds NaN/inf; the file is damaged")
+    if value <= 0:
+        raise ConceptorError(f"{where}: {key} is {value:g}, but alpha must be positive (0 switches the layer off, "
+                             "a negative value flips it); the file is damaged. To weaken or invert a LoRA give a "
+                             "scale: FILE:0.5 or FILE:-1")
+    return value
 
 
 def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Path:
     """Write atomically in ``to`` layout; the diffusers one is what ``pipe.load_lora_weights`` expects."""
     if to not in FORMATS:
         raise ConceptorError(f"unknown LoRA format {to!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":  # the bytes must match the name: no tool reads a LoRA pickle of ours
+        raise ConceptorError(f"{path.name}: LoRA files are written as .safetensors (what diffusers, kohya, A1111 "
+                             f"and ComfyUI load); name it {path.stem}.safetensors")
     tensors: dict[str, torch.Tensor] = {}
     sdxl = any(n.startswith("text_encoder_2.") for n in lora)
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
@@ -134,13 +196,13 @@ def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Pa
             tensors[f"{base}.lora_down.weight"] = down
             tensors[f"{base}.lora_up.weight"] = up
             tensors[f"{base}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale already folded
-    path = Path(path)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     return path
 
 
 def convert_lora(src: str | Path, dst: str | Path, to: str) -> Path:
+    refuse_same_file(src, dst)
     return write_lora(read_lora(src), dst, to)
 
 

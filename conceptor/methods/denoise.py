@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..errors import ConceptorError
 from ..models.load import Components
+from ..sampling.pipeline import check_vae_memory
 from ..training import diffusion as D
 
 log = logging.getLogger("conceptor")
@@ -40,6 +41,9 @@ def encode_posterior(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def encode_latent_stats(vae, pixels: torch.Tensor, batch_size: int = 8, desc: str = "caching latents"
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the VAE posterior for each image (fp32, on the VAE's device)."""
+    h, w = pixels.shape[-2:]
+    check_vae_memory(vae, min(batch_size, len(pixels)), h, w, f"--resolution {h}" if h == w else f"{w}x{h} images",
+                     "VAE encoder")
     means, stds = [], []
     for i in tqdm(range(0, len(pixels), batch_size), desc=desc, leave=False, disable=len(pixels) <= batch_size):
         mean, std = encode_posterior(vae, pixels[i:i + batch_size])

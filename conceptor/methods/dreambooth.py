@@ -29,6 +29,7 @@ from ..models.adapters import (
 from ..models.load import Components
 from ..models.save import save_pipeline
 from ..models.text import added_conditioning, encode, token_ids
+from ..sampling.pipeline import check_vae_memory
 from ..training.method import Shard
 from .denoise import LatentSet, denoising_loss
 
@@ -72,6 +73,9 @@ class DreamBooth:
         db = self.db = cfg.dreambooth
         self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
         resolution = cfg.data.resolution or components.default_resolution
+
+        # Before any image is resized to that size (PIL alone would allocate it), not after.
+        check_vae_memory(components.vae, 1, resolution, resolution, f"--resolution {resolution}", "VAE encoder")
 
         def latents(paths, desc):
             pixels = torch.stack([to_tensor(load_image(p), resolution, cfg.data.center_crop) for p in paths])

@@ -27,6 +27,7 @@ from ..models.adapters import UNET_LORA_TARGETS, add_lora, load_trained_state, t
 from ..models.load import Components
 from ..models.save import save_pipeline
 from ..models.text import encode, token_ids
+from ..sampling.pipeline import check_vae_memory
 from ..training.method import Shard
 from .denoise import denoising_loss, encode_posterior, scale_latents
 
@@ -50,6 +51,8 @@ class Finetune:
         else:
             sizes = [(resolution, resolution)] * len(examples)
         self.examples, self.sizes = examples, sizes
+        w, h = max(sizes, key=lambda s: s[0] * s[1])  # the largest bucket, before any image is resized to it
+        check_vae_memory(components.vae, 1, h, w, f"--resolution {resolution}", "VAE encoder")
         # SDXL's size conditioning per example: (original h, w, crop top, left, target h, w).
         self.time_ids = None if originals is None else [
             (o[1], o[0], *center_crop_offset(o, t), t[1], t[0]) for o, t in zip(originals, sizes)]

@@ -18,8 +18,9 @@ from ..data.templates import fill, load_templates
 from ..errors import ConceptorError
 from ..formats.embeddings import Embedding, write_embedding
 from ..models.load import Components
-from ..models.text import added_conditioning, encode, token_ids
+from ..models.text import added_conditioning, check_token_fits, encode, token_ids
 from ..models.tokens import add_tokens, check_new_token, expand_prompt, initializer_id, token_names
+from ..sampling.pipeline import check_vae_memory
 from ..training.method import Shard
 from .denoise import LatentSet, denoising_loss
 
@@ -51,6 +52,16 @@ class TextualInversion:
                 raise ConceptorError(f"caption {p.with_suffix('.txt')} must contain {ti.token} or {{}} where the "
                                      "concept goes")
             self.captions.append([caption] if caption else templates)
+        # A token cut off at the encoder's limit gets no gradient: torch would stop at the first step with
+        # "element 0 of tensors does not require grad". Say which text, before minutes of set-up.
+        texts = {c[0]: f"caption {p.with_suffix('.txt')}" for p, c in zip(paths, self.captions) if c is not templates}
+        if any(c is templates for c in self.captions):
+            texts.update({t: f"template {t[:40]!r}" + (f" of {ti.templates}" if ti.templates else "")
+                          for t in templates})
+        for text, source in texts.items():
+            check_token_fits(components, fill(text, ti.token), ti.token, ti.vectors, source)
+        # Before any image is resized: at --resolution 200000 PIL alone would ask for 160 GB.
+        check_vae_memory(components.vae, 1, resolution, resolution, f"--resolution {resolution}", "VAE encoder")
 
         pixels = torch.stack([to_tensor(im, resolution, cfg.data.center_crop) for im in images])
         self.latents = LatentSet(components, pixels, flip=cfg.data.flip_p > 0)

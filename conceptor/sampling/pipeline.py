@@ -1,6 +1,8 @@
 """Sampling: a diffusers pipeline over our Components, named schedulers, fixed per-image seeds."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -8,6 +10,7 @@ from PIL import Image
 
 from ..errors import ConceptorError
 from ..models.load import Components
+from ..models.text import warn_if_cut
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -16,6 +19,58 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
 }
+
+
+# torch generators take seeds up to 2**64 - 1 and image i uses seed + i: 2**63 - 1 leaves room for any count.
+MAX_SEED = 2**63 - 1
+
+
+def check_sampling(*, steps: int, guidance: float | None, width: int | None, height: int | None, batch_size: int,
+                   scheduler: str = "ddim", num_images: int = 1, seed: int | None = 0) -> None:
+    """Generation settings that need no model, each wrong one one line: the CLI checks them before the model
+    loads, Model.generate and sample() for Python callers. ``width``/``height``/``guidance`` None = the model's."""
+    for name, size in (("width", width), ("height", height)):
+        if size is not None and (size <= 0 or size % 8):
+            raise ConceptorError(f"--width/--height must be positive multiples of 8 (e.g. 512), got --{name} {size}")
+    checks = [
+        (num_images >= 1, f"--num-images must be at least 1, got {num_images}"),
+        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+        (steps >= 1, f"--steps must be at least 1, got {steps}"),
+        (scheduler != "pndm" or steps >= 4, "the pndm sampler needs --steps 4 or more (its multistep warm-up takes 4)"),
+        (guidance is None or math.isfinite(guidance), f"--guidance must be a finite number, got {guidance}"),
+        (seed is None or (isinstance(seed, numbers.Integral) and 0 <= seed <= MAX_SEED),  # numpy ints too
+         f"--seed must be a whole number between 0 and {MAX_SEED}, got {seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConceptorError(message)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes still free on ``device``; None where that cannot be asked (MPS, XLA...)."""
+    if device.type == "cuda":  # what the driver has left plus what torch holds cached but unused
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available
+    return None
+
+
+def check_vae_memory(vae, batch: int, height: int, width: int, what: str, part: str) -> None:
+    """Refuse an image size whose VAE pass cannot fit, before anything that size is allocated.
+
+    A lower bound, so it never refuses what would fit: the full-resolution layers of the KL autoencoder
+    (Rombach et al. 2022; encoder's first and decoder's last block) hold ``block_out_channels[0]`` channels
+    (128 in SD's VAE) per pixel of each image in the batch, at the VAE's dtype; the real peak is several times it.
+    """
+    need = batch * vae.config.block_out_channels[0] * height * width * vae.dtype.itemsize
+    free = free_memory(vae.device)
+    if free is not None and need > free:
+        where = "this machine" if vae.device.type == "cpu" else str(vae.device)
+        raise ConceptorError(f"{what} needs at least {need / 1e9:.1f} GB for the {part} alone; {where} has "
+                             f"{free / 1e9:.1f} GB free")
 
 
 def make_scheduler(components: Components, name: str = "ddim"):
@@ -62,13 +117,14 @@ def sample(components: Components, prompts: list[str], seeds: list[int], *, nega
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    check_sampling(steps=steps, guidance=guidance, width=width, height=height, batch_size=batch_size,
+                   scheduler=scheduler)
     guidance = components.default_guidance if guidance is None else guidance
     width = width or components.default_resolution
     height = height or components.default_resolution
-    if width % 8 or height % 8:
-        raise ConceptorError(f"--width/--height must be multiples of 8, got {width}x{height}")
-    if scheduler == "pndm" and steps < 4:
-        raise ConceptorError("the pndm sampler needs --steps 4 or more (its multistep warm-up takes 4)")
+    check_vae_memory(components.vae, min(batch_size, len(prompts)), height, width,
+                     f"--width {width} --height {height}", "VAE decoder")
+    warn_if_cut(components, list(dict.fromkeys([*prompts, negative_prompt or ""])))
     pipe = build_pipeline(components, scheduler)
     device = components.unet.device
     images: list[Image.Image] = []

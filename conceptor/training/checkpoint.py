@@ -59,7 +59,27 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     try:
         state = json.loads((path / "state.json").read_text())
         trained = load_file(str(path / "trained.safetensors"))
+        problem = _state_problem(state) or _optimizer_problem(opt)
     except Exception as e:  # a damaged checkpoint is the user's to delete, say which one
-        raise ConceptorError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it and resume from "
-                             "an earlier one") from None
+        problem = type(e).__name__
+    if problem:
+        raise ConceptorError(f"checkpoint {path} is damaged ({problem}); delete it and resume from an earlier one")
     return trained, opt, state
+
+
+def _state_problem(state) -> str | None:
+    if not isinstance(state, dict):
+        return "state.json is not a mapping"
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"state.json step is {step!r}, not a step number"
+    for key in ("grad_accum", "batch_size"):
+        if key in state and (isinstance(state[key], bool) or not isinstance(state[key], int)):
+            return f"state.json {key} is {state[key]!r}"
+    return None
+
+
+def _optimizer_problem(opt) -> str | None:
+    if not all(isinstance(opt.get(k), dict) for k in ("optimizer", "lr_scheduler")):
+        return "optimizer.pt lacks the optimizer or lr_scheduler state"
+    return None

@@ -1,11 +1,16 @@
-"""One run per output folder: ``OUTPUT/.conceptor.lock`` holds the owner's pid and host.
+"""One run per output folder: ``OUTPUT/.conceptor.lock``, held with an exclusive ``flock`` for the run's life.
 
-A second run on the same folder is refused while the owner lives; a lock whose process is gone (a
-killed run) is stale and taken over with a note, so ``--resume latest`` after a crash just works.
+The kernel holds the lock, not the file's contents: it is taken in one atomic step, and released when the
+process ends however it ends, so a killed run never leaves a lock behind and two runs started at the same
+moment cannot both win (an O_EXCL file filled in after creation could be read empty, i.e. stale). The
+file carries the owner's pid and host, written while the flock is held, so it is never read half-written:
+a live pid in it (a holder that could not flock, e.g. an older conceptor) is still respected, and a dead
+one is a stale lock, taken over with a note.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -15,8 +20,18 @@ from typing import Iterator
 
 from ..errors import ConceptorError
 
-log = logging.getLogger("conceptor")
 LOCK_NAME = ".conceptor.lock"
+
+
+log = logging.getLogger("conceptor")
+
+
+def _owner(path: Path) -> dict:
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
 
 
 def _alive(pid: int) -> bool:
@@ -29,32 +44,50 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _describe(owner: dict) -> str:
+    return f" (pid {owner['pid']})" if "pid" in owner else ""
+
+
 @contextlib.contextmanager
 def run_lock(folder: Path) -> Iterator[None]:
     path = Path(folder) / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ConceptorError(f"{path} is not a lock file conceptor wrote; remove it or choose another --output")
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: exactly one creator wins
-        except FileExistsError:
-            try:
-                owner = json.loads(path.read_text())
-            except (OSError, ValueError):
-                owner = {}
-            pid, host = owner.get("pid"), owner.get("host")
-            if host == me["host"] and isinstance(pid, int) and pid != me["pid"] and _alive(pid):
-                raise ConceptorError(f"{folder} is in use by another conceptor run (pid {pid}); wait for it or "
-                                     "choose another --output") from None
-            if host not in (None, me["host"]):
-                raise ConceptorError(f"{folder} is locked by a run on {host} (pid {pid}); if that run is gone, "
-                                     f"delete {path}") from None
-            log.warning("taking over a stale lock in %s (pid %s is gone)", folder, pid)
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConceptorError(f"{folder} is in use by another conceptor run{_describe(_owner(path))}; wait "
+                                 "for it or choose another --output") from None
+        # The previous holder unlinks the file as it finishes: a lock on that old inode guards nothing.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    owner = _owner(path)
+    pid, host = owner.get("pid"), owner.get("host")
+    if isinstance(pid, int) and pid != me["pid"]:
+        refusal = None
+        if host == me["host"] and _alive(pid):
+            refusal = f"{folder} is in use by another conceptor run (pid {pid}); wait for it or choose another " \
+                      "--output"
+        elif host not in (None, me["host"]):
+            refusal = f"{folder} is locked by a run on {host} (pid {pid}); if that run is gone, delete {path}"
+        if refusal:
+            os.close(fd)
+            raise ConceptorError(refusal)
+        log.warning("taking over a stale lock in %s (pid %s is gone)", folder, pid)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(me).encode())
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)  # releases the flock

@@ -9,23 +9,24 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, config_from_saved
 from ..data.order import step_generator
 from ..errors import ConceptorError
-from ..fileio import atomic_path, write_text
+from ..fileio import atomic_path, check_target, write_text
 from ..models.load import Components
 from ..sampling.grid import make_grid
 from ..sampling.pipeline import sample
 from . import checkpoint as ckpt
 from .lock import LOCK_NAME, run_lock
+from .manifest import MANIFEST, Manifest
 from .method import Method, Shard
 from .metrics import plot_loss, read_metrics, truncate_metrics
 
@@ -44,38 +45,86 @@ class TrainResult:
 def check_output(cfg: RunConfig) -> str:
     """Refuse to mix two runs in one folder: continue it (--resume), replace it (--overwrite) or pick another.
 
-    Returns "new", "resume" or "replace". Called before the model loads, so a refusal costs nothing.
+    Returns "new", "resume" or "replace". Called before the model loads, so a refusal costs nothing. A run
+    folder is one with conceptor's manifest (training/manifest.py); a run refused before its first step
+    (no config.yaml yet) is simply continued, so a retry never needs --overwrite.
     """
     out = Path(cfg.train.output)
-    if out.exists() and not out.is_dir():
-        raise ConceptorError(f"--output {out} is a file; pass a folder")
+    check_target(out, want_dir=True)
+    _check_not_an_input(out, cfg)
     if not (out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())):
         return "new"
+    manifest = Manifest.read(out)
     saved = out / "config.yaml"
+    if manifest is not None and not saved.is_file():
+        return "new"
+    is_run = manifest is not None or _saved_method(saved) is not None  # runs from before manifests: config only
     if cfg.train.resume:
-        if saved.is_file():
-            prev = config_from_saved(saved) or {}
-            if prev.get("method") != cfg.method:
-                raise ConceptorError(f"{out} holds a {prev.get('method')} run; cannot resume it as {cfg.method}")
+        if not is_run:
+            raise ConceptorError(f"--resume: {out} is not a conceptor run (it holds files conceptor did not write); "
+                                 "pass the run's folder, or an empty or new --output")
+        method = _saved_method(saved)
+        if method is not None and method != cfg.method:
+            raise ConceptorError(f"{out} holds a {method} run; cannot resume it as {cfg.method}")
         return "resume"
-    if cfg.train.overwrite and saved.is_file():
+    if cfg.train.overwrite and manifest is not None:
         return "replace"
     if cfg.train.overwrite:
-        raise ConceptorError(f"--output {out} is not empty and is not a conceptor run; refusing to delete it, "
-                             "choose another folder")
+        why = "was written by an older conceptor that kept no list of its files" if is_run else \
+            "is not a conceptor run"
+        raise ConceptorError(f"--output {out} {why}; refusing to delete anything in it: choose another folder")
     raise ConceptorError(f"--output {out} already holds files; pass --resume latest to continue that run, "
                          "--overwrite to replace it, or choose another --output")
 
 
-def make_output(cfg: RunConfig, action: str) -> Path:
-    """Create the run folder; an --overwrite'd old run is removed only now, once the new one has started."""
+def _saved_method(saved: Path) -> str | None:
+    """The method a run's config.yaml names; None when there is none; a damaged file is an error."""
+    if not saved.is_file():
+        return None
+    try:
+        prev = config_from_saved(saved)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # unreadable, not UTF-8, not YAML
+        raise ConceptorError(f"{saved} is damaged ({type(e).__name__}); choose another --output") from None
+    method = prev.get("method") if isinstance(prev, dict) else None
+    if not isinstance(method, str):
+        raise ConceptorError(f"{saved} is damaged (no method in it); choose another --output")
+    return method
+
+
+def _check_not_an_input(out: Path, cfg: RunConfig) -> None:
+    """The run folder may not be, contain or lie inside anything the run reads: --overwrite and the outputs
+    must never reach a user's images, class images, dataset or model."""
+    inputs = {"--images": cfg.data.images, "--model": cfg.model.model, "--model-config": cfg.model.model_config,
+              "--vae": cfg.model.vae}
+    if cfg.dreambooth is not None:
+        inputs["--class-images"] = cfg.dreambooth.class_images
+    if cfg.finetune is not None:
+        inputs["--dataset"] = cfg.finetune.dataset
+    here = Path(os.path.abspath(out)).resolve()
+    for flag, value in inputs.items():
+        if not value or not Path(value).exists():
+            continue  # hub ids and missing paths are checked where they are read
+        there = Path(value).resolve()
+        if here == there or here in there.parents or (there.is_dir() and there in here.parents):
+            relation = "is" if here == there else "contains" if here in there.parents else "lies inside"
+            raise ConceptorError(f"--output {out} {relation} {flag} {value}; a run writes (and --overwrite "
+                                 "deletes) in its output folder, so put it somewhere else")
+
+
+def make_output(cfg: RunConfig, action: str) -> tuple[Path, Manifest]:
+    """Create the run folder and its manifest; an --overwrite'd old run's own files are removed only now,
+    once the new run holds the lock."""
     out = Path(cfg.train.output)
-    if action == "replace":
-        for p in out.iterdir():
-            if p.name != LOCK_NAME:  # the lock is ours: this run holds it
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    manifest = Manifest.read(out)
+    if action == "replace" and manifest is not None:
+        gone = manifest.remove_all()
+        log.info("--overwrite: removed the %d file(s) the earlier run wrote in %s", gone, out)
+        manifest = None
+    if manifest is None:
+        manifest = Manifest(out)
+        manifest.save()
+    return out, manifest
 
 
 def make_accelerator(mixed_precision: str):
@@ -118,13 +167,26 @@ def validate_images(components: Components, method: Method, cfg: RunConfig, outp
 def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult:
     """Train ``method`` as ``cfg`` says, holding the output folder's lock (one run per folder)."""
     out = Path(cfg.train.output)
-    if out.exists() and not out.is_dir():
-        raise ConceptorError(f"--output {out} is a file; pass a folder")
+    check_target(out, want_dir=True)
     if int(os.environ.get("RANK", "0")) != 0:  # one lock per run: the main process holds it
         return _train(method, components, cfg)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
-        return _train(method, components, cfg)
+    try:
+        with run_lock(out):
+            return _train(method, components, cfg)
+    except BaseException:
+        if created:  # refused or failed before writing anything: leave no empty run folder behind
+            _remove_if_unused(out)
+        raise
+
+
+def _remove_if_unused(out: Path) -> None:
+    manifest = Manifest.read(out) if (out / MANIFEST).is_file() else None
+    if manifest is not None and not manifest.files and {p.name for p in out.iterdir()} == {MANIFEST}:
+        (out / MANIFEST).unlink()
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResult:
@@ -154,8 +216,11 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
         components.unet.compile()
         log.info("compiling the UNet: the first steps include compile time (reported apart)")
     params = [p for g in groups for p in g["params"]]
-    # Only the main process may delete an --overwrite'd run; the others just use the folder.
-    output = make_output(cfg, action if accelerator.is_main_process else "new")
+    # Only the main process deletes an --overwrite'd run and keeps the manifest; the others use the folder.
+    output, manifest = make_output(cfg, action) if accelerator.is_main_process else (Path(t.output), None)
+    record = manifest.add if manifest is not None else (lambda *paths: None)
+    if cfg.dreambooth is not None and not cfg.dreambooth.class_images:
+        record(output / "class_images")  # generated there by this run (or an earlier try of it)
     accelerator.wait_for_everyone()
     if any(p.dtype != torch.float32 for p in params):
         raise RuntimeError("trainable parameters must be fp32 (fp16 master weights break the grad scaler)")
@@ -173,8 +238,12 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
         if ema is not None:
             _load_ema(ema, trained)
         method.load_state_dict({k: v for k, v in trained.items() if not k.startswith(EMA_PREFIX)})
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["lr_scheduler"])
+        try:
+            optimizer.load_state_dict(opt_state["optimizer"])
+            scheduler.load_state_dict(opt_state["lr_scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ConceptorError(f"checkpoint {resume_from} holds optimizer state for other parameters "
+                                 f"({type(e).__name__}); resume with the same model, method and flags") from None
         start = int(state["step"])
         if ema is not None:
             ema.optimization_step = start  # the decay warm-up continues where it was
@@ -193,9 +262,10 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, start)
         write_text(output / "config.yaml", cfg.to_yaml())
+        record(output / "config.yaml", metrics_path)
 
     if start == 0 and accelerator.is_main_process:
-        validate_images(components, method, cfg, output, 0)
+        record(validate_images(components, method, cfg, output, 0))
 
     last_loss = None
     window, window_n = torch.zeros((), device=device), 0
@@ -247,17 +317,18 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
             if window_n and not torch.isfinite(window).item():  # never checkpoint weights a NaN step touched
                 raise ConceptorError(f"loss became NaN/inf before step {step}; the last good checkpoint is kept. "
                                      "Lower --lr or use --mixed-precision bf16, then --resume latest")
-            method.save(output, step, final=False)
+            record(*method.save(output, step, final=False))
             trained = method.state_dict()
             if ema is not None:
                 trained.update({f"{EMA_PREFIX}{i}": s for i, s in enumerate(ema.shadow_params)})
-            ckpt.save_checkpoint(output, step, trained, optimizer.state_dict(), scheduler.state_dict(),
-                                 {"grad_accum": t.grad_accum, "batch_size": t.batch_size,
-                                  "micro_batches_done": step * t.grad_accum, "seed": t.seed},
-                                 t.checkpoints_limit)
-            _prune_snapshots(output, t.checkpoints_limit)
+            saved = ckpt.save_checkpoint(output, step, trained, optimizer.state_dict(), scheduler.state_dict(),
+                                         {"grad_accum": t.grad_accum, "batch_size": t.batch_size,
+                                          "micro_batches_done": step * t.grad_accum, "seed": t.seed},
+                                         t.checkpoints_limit)
+            record(saved)
+            _prune_snapshots(output, t.checkpoints_limit, manifest)
         if accelerator.is_main_process and t.validation_every and step % t.validation_every == 0 and not is_last:
-            validate_images(components, method, cfg, output, step)
+            record(validate_images(components, method, cfg, output, step))
     bar.close()
 
     files: list[Path] = []
@@ -270,8 +341,9 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
             files += method.save(output, t.steps, final=True)
         else:
             files = method.save(output, t.steps, final=True)
-        validate_images(components, method, cfg, output, t.steps)
+        record(*files, validate_images(components, method, cfg, output, t.steps))
         plot_loss(read_metrics(metrics_path), output / "loss.png")
+        record(output / "loss.png")
     accelerator.wait_for_everyone()
     return TrainResult(output=output, step=t.steps, last_loss=last_loss, files=files)
 
@@ -347,9 +419,10 @@ def _load_ema(ema, trained: dict[str, torch.Tensor]) -> None:
         dst.data.copy_(src.to(dst.device))
 
 
-def _prune_snapshots(output: Path, limit: int | None) -> None:
-    """Keep step snapshots (``*-steps-N.*``) in step with the pruned checkpoints."""
-    if not limit:
+def _prune_snapshots(output: Path, limit: int | None, manifest: Manifest | None) -> None:
+    """Keep step snapshots (``*-steps-N.*``) in step with the pruned checkpoints; only files this run's
+    manifest lists, never a user's file that happens to match the pattern."""
+    if not limit or manifest is None:
         return
     kept = {int(p.name.split("-")[1]) for p in ckpt.checkpoint_dirs(output)}
     for p in output.glob("*-steps-*.*"):
@@ -357,5 +430,5 @@ def _prune_snapshots(output: Path, limit: int | None) -> None:
             step = int(p.stem.rsplit("-", 1)[1])
         except ValueError:
             continue
-        if step not in kept:
+        if step not in kept and p.name in manifest.files and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)

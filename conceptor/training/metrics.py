@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -13,12 +14,22 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash: everything before it is still good
-            break
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash, or damage: the other rows are still good
+            continue
+        if _good_row(row):  # an edited or damaged row is dropped, not trusted
+            rows.append(row)
     return rows
+
+
+def _good_row(row) -> bool:
+    """A row this loop writes: an integer step and, where present, finite numbers."""
+    if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+        return False
+    numbers = [row[k] for k in ("loss", "lr", "elapsed_s") if k in row]
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers)
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:
