@@ -14,59 +14,21 @@ from .compat import check_adapter_stack
 from .config import ModelConfig, RunConfig
 from .errors import ConceptorError
 from .fileio import atomic_path, write_text
-from .models.load import Components, load_components
+from .models.load import Components, bundled_model_path, load_vae, resolve_model  # noqa: F401 (public)
 
 log = logging.getLogger("conceptor")
-
-
-def bundled_model_path() -> Path | None:
-    """The small pretrained toy-world model shipped in the package, if this install has it."""
-    p = Path(__file__).parent / "toyworld" / "model"
-    return p if (p / "model_index.json").is_file() else None
-
-
-def resolve_model(cfg: ModelConfig) -> Components:
-    """Load the configured model; with none given, the bundled toy model (and say so)."""
-    name = cfg.model
-    if name is None:
-        bundled = bundled_model_path()
-        if bundled is None:
-            raise ConceptorError("no --model given; pass a hub id (runwayml/stable-diffusion-v1-5), a diffusers "
-                                 "folder or a .safetensors checkpoint")
-        log.warning("no --model given: using the bundled toy model (%s); pass --model "
-                    "runwayml/stable-diffusion-v1-5 (or a folder/.safetensors) for a real one", bundled)
-        name = str(bundled)
-    components = load_components(name, model_config=cfg.model_config, family=cfg.family, revision=cfg.revision,
-                                 variant=cfg.variant)
-    if cfg.vae:
-        components.vae = load_vae(cfg.vae)
-    return components
-
-
-def load_vae(where: str):
-    """An AutoencoderKL from a folder (or its parent with vae/) or a hub id, replacing the model's own."""
-    from diffusers import AutoencoderKL
-
-    p = Path(where)
-    sub = "vae" if (p / "vae" / "config.json").is_file() else None
-    try:
-        # fp32 whatever the file holds: the loop casts to the run's precision itself
-        return AutoencoderKL.from_pretrained(where, subfolder=sub, local_files_only=p.exists(),
-                                             torch_dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise ConceptorError(f"could not load --vae {where}: {str(e).splitlines()[0]}") from None
 
 
 def train(cfg: RunConfig, components: Components | None = None):
     """Run one training job described by ``cfg``; returns a TrainResult (output folder, files, last loss)."""
     from .methods import get_method
-    from .training.loop import check_output
     from .training.loop import train as run_loop
+    from .training.output import check_output
 
     method = get_method(cfg.method)
-    check_output(cfg)
-    if (cfg.dreambooth and cfg.dreambooth.lora) or (cfg.finetune and cfg.finetune.lora):
-        check_adapter_stack()  # before minutes of model loading and class images, not after
+    check_output(cfg)  # before minutes of model loading and class images, not after
+    if cfg.lora is not None and cfg.lora.enabled:
+        check_adapter_stack()
     return run_loop(method, components if components is not None else resolve_model(cfg.model), cfg)
 
 

@@ -1,131 +1,142 @@
 """Typed run configuration: a YAML/TOML file, overridden by CLI flags, saved beside every output.
 
-A config file has one section per dataclass below (``model``, ``data``, ``optim``, ``train`` and the
-method's own section, e.g. ``textual_inversion``). Unknown keys are errors, not silently ignored.
+A config file has one section per dataclass: the shared ``model``, ``data``, ``optim``, ``train``, the
+``lora`` section for methods that train adapters, and the method's own section (declared in its file under
+methods/, e.g. ``textual_inversion``). Each field is written once, here or there: its metadata (``opt``)
+carries the help text and flag details the CLI is built from. Unknown keys are errors, never ignored.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from .config_checks import check_finite, check_types
 from .errors import ConceptorError
 
 LORA_TARGET_SETS = ("attn", "attn-ff")  # the UNet layer sets of models/adapters.py: UNET_LORA_TARGETS
+# data/order.py seeds torch generators with seed * 1_000_003 + epoch, and torch takes at most 2**64 - 1:
+# seeds above 18446688733643 overflow at once (measured). 2**44 - 1 leaves room for 8e17 epochs, and for
+# the seed + 1, seed + k streams of class images and LoRA initialisation.
+MAX_TRAIN_SEED = 2**44 - 1
+
+
+def opt(default: Any = None, help: str | None = None, *, factory: Callable | None = None, **cli) -> Any:
+    """A config field and its CLI flag. ``cli`` keys: flag (another name than --field-name), metavar, choices,
+    group (the help section), only (the methods that have it), input (a path the run reads: an output may
+    never be, contain or lie inside it), cli=False (config files only)."""
+    meta = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    model: str | None = None  # hub id, diffusers folder or .safetensors file; None = the bundled model
-    model_config: str | None = None  # local diffusers folder with configs for a single-file checkpoint
-    family: str | None = None  # sd1 | sd2: configs for a single file when there is no model_config
-    revision: str | None = None
-    variant: str | None = None
-    vae: str | None = None  # another VAE (folder or hub id), e.g. an fp16-fixed SDXL VAE
+    model: str | None = opt(None, "hub id, diffusers folder or .safetensors file (default: bundled toy model)",
+                            metavar="M", input=True)
+    model_config: str | None = opt(None, "local diffusers folder with configs for a single-file --model",
+                                   metavar="DIR", input=True)
+    family: str | None = opt(None, "model family of a single-file --model without --model-config",
+                             choices=("sd1", "sd2", "sdxl"))
+    revision: str | None = opt(None, None)
+    variant: str | None = opt(None, "weights variant, e.g. fp16")
+    vae: str | None = opt(None, "use this VAE instead of the model's (e.g. madebyollin/sdxl-vae-fp16-fix)",
+                          metavar="DIR|ID", input=True)
 
 
 @dataclass
 class DataConfig:
-    images: str | None = None
-    resolution: int | None = None  # None = the model's native size
-    center_crop: bool = False
-    flip_p: float | None = None  # None = the method's default (DEFAULT_FLIP_P)
-    repeats: int = 100  # the seeds' epoch = images x repeats; only sets how data order is shuffled
+    images: str | None = opt(None, "folder of training images (img.txt beside img.png = its caption)",
+                             metavar="DIR", input=True, only=("textual-inversion", "dreambooth"))
+    resolution: int | None = opt(None, "training size in pixels, multiple of 8 (default: the model's)")
+    center_crop: bool = opt(False, "crop the centre square before resizing")
+    flip_p: float | None = opt(None, "probability of a horizontal flip (default 0.5; finetune: 0)")
+    repeats: int = opt(100, "images x repeats = one shuffled epoch (default 100)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float | None = None  # None = the method's default (DEFAULT_LR)
-    scale_lr: bool = False  # lr x batch x grad_accum x processes, as the seeds' --scale_lr
-    lr_scheduler: str = "constant"
-    warmup: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = None
-    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit: optimizer state in 8 bits (CUDA only)
+    lr: float | None = opt(None, "learning rate (default: textual inversion 5e-4, DreamBooth 5e-6, LoRA 1e-4)")
+    scale_lr: bool = opt(False, "multiply lr by batch size x grad accumulation x processes")
+    lr_scheduler: str = opt("constant", None, choices=("constant", "cosine", "linear"))
+    warmup: int = opt(0, "linear warm-up steps", metavar="N")
+    adam_beta1: float = opt(0.9, cli=False)
+    adam_beta2: float = opt(0.999, cli=False)
+    weight_decay: float = opt(0.0, None)
+    adam_epsilon: float = opt(1e-8, cli=False)
+    max_grad_norm: float | None = opt(None, "clip gradients to this norm")
+    use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit AdamW (CUDA; saves optimizer memory)")
 
 
 @dataclass
 class TrainConfig:
-    output: str = "conceptor-output"
-    steps: int = 3000
-    batch_size: int = 1
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    seed: int = 0
-    checkpoint_every: int = 500
-    checkpoints_limit: int | None = None
-    resume: str | None = None
-    overwrite: bool = False
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_every: int = 0  # 0 = only at the start and the end
-    validation_images: int = 4
-    validation_sampling_steps: int = 25
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    log_every: int = 10
-    epochs: int | None = None  # finetune: passes over the dataset; sets steps
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the UNet (first steps pay the compile time, reported apart)
-    channels_last: bool = False  # UNet weights and activations in NHWC (oneDNN / tensor-core friendly)
-    ema: bool = False  # exponential moving average of the trained weights, saved as the output
-    ema_decay: float = 0.9999
-    offload_ema: bool = False  # keep the average in CPU memory between steps
+    output: str = opt("conceptor-output", "run folder (default conceptor-output)", metavar="DIR")
+    steps: int = opt(3000, "optimizer steps (default 3000)")
+    batch_size: int = opt(1, None)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", metavar="N")
+    mixed_precision: str = opt("no", "frozen weights in fp16/bf16; trainables stay fp32",
+                               choices=("no", "fp16", "bf16"))
+    seed: int = opt(0, None)
+    checkpoint_every: int = opt(500, "resumable checkpoint every N steps (default 500)", metavar="N")
+    checkpoints_limit: int | None = opt(None, "keep only the newest N checkpoints", metavar="N")
+    resume: str | None = opt(None, "continue a run from its newest (or a given) checkpoint", metavar="latest|PATH")
+    overwrite: bool = opt(False, "replace an earlier run in --output (only the files it wrote)")
+    validation_prompts: list[str] = opt(help="prompt for validation grids (repeatable)", factory=list,
+                                        flag="--validation-prompt", metavar="P")
+    validation_every: int = opt(0, "validation grid every N steps (0: start and end only)", metavar="N")
+    validation_images: int = opt(4, "images (seeds) per validation prompt", metavar="N")
+    validation_sampling_steps: int = opt(25, cli=False)
+    snr_gamma: float | None = opt(None, "min-SNR loss weighting (Hang et al. 2023), e.g. 5.0")
+    noise_offset: float = opt(0.0, "offset noise strength, e.g. 0.05")
+    log_every: int = opt(10, "loss log interval in steps", metavar="N")
+    epochs: int | None = opt(None, "passes over the dataset (sets --steps)", metavar="N", only=("finetune",))
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory)")
+    compile: bool = opt(False, "torch.compile the UNet (faster steps after a one-off compile)")
+    channels_last: bool = opt(False, "UNet in channels-last memory layout (NHWC: faster convolutions with oneDNN "
+                                     "and tensor cores)")
+    ema: bool = opt(False, "keep an exponential moving average of the trained weights; it is saved as the "
+                           "output (raw weights in OUTPUT/raw)", group="optimization")
+    ema_decay: float = opt(0.9999, "EMA decay (default 0.9999)", group="optimization")
+    offload_ema: bool = opt(False, "keep the EMA weights in CPU memory", group="optimization")
 
 
 @dataclass
-class TextualInversionConfig:
-    token: str = ""
-    init_token: str = ""
-    vectors: int = 1
-    what: str = "object"
-    templates: str | None = None
+class LoraConfig:
+    """Low-rank adapters (PEFT) instead of whole modules, for every method that trains model weights."""
+
+    enabled: bool = opt(False, "train a LoRA of the UNet attention instead of the whole UNet", flag="--lora")
+    rank: int = opt(4, "LoRA rank (default 4)", metavar="R")
+    alpha: float | None = opt(None, "LoRA alpha (default: the rank)", metavar="A")
+    targets: str = opt("attn", "UNet layers with a LoRA: attention projections (default) or attention + "
+                               "feed-forward", flag="--lora-targets", choices=LORA_TARGET_SETS)
+    text_encoder: bool = opt(False, "a LoRA of the text encoder too", flag="--lora-text-encoder",
+                             only=("dreambooth",))
 
 
-@dataclass
-class DreamBoothConfig:
-    instance_prompt: str = ""
-    class_prompt: str | None = None  # given = prior preservation on
-    class_images: str | None = None  # default OUTPUT/class_images; missing images are generated there
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    class_sampling_steps: int = 25
-    class_guidance: float | None = None  # None = the model's default guidance
-    train_text_encoder: bool = False
-    text_encoder_lr: float | None = None  # default: --lr
-    lora: bool = False
-    rank: int = 4
-    alpha: float | None = None  # default: rank (scale 1)
-    lora_targets: str = "attn"  # attn | attn-ff (models/adapters.py)
-    lora_text_encoder: bool = False
-    save_single_file: bool = False
+SHARED_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 
 
-@dataclass
-class FinetuneConfig:
-    dataset: str = ""  # CSV, imagefolder with metadata.jsonl, images + .txt, saved HF dataset, hub name
-    image_column: str | None = None
-    caption_column: str | None = None
-    skip_bad: bool = False
-    caption_dropout: float = 0.0  # probability of an empty caption (what classifier-free guidance needs)
-    buckets: bool = False
-    min_res: int | None = None  # bucket side limits (default resolution/2 .. resolution*2)
-    max_res: int | None = None
-    random_crop: bool = False  # else centre crop; random crops cannot be cached, latents are encoded per step
-    lora: bool = False
-    rank: int = 4
-    alpha: float | None = None
-    lora_targets: str = "attn"  # attn | attn-ff (models/adapters.py)
-    save_single_file: bool = False
-    cache_dir: str | None = None  # default ~/.cache/conceptor; "none" disables the on-disk cache
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the rest of conceptor knows of a method: declared once, in the method's own file."""
+
+    name: str  # as on the command line: conceptor train NAME
+    section: str  # its config section
+    options: type  # the section's dataclass (fields declared with opt)
+    make: Callable[[], Any]  # -> a training/method.py Method
+    help: str
+    lr: float  # default learning rate (the seeds')
+    lora_lr: float | None = None  # default with --lora; None: the method trains no adapters
+    flip_p: float = 0.5  # default horizontal-flip probability
+    checks: Callable[["RunConfig"], list[tuple[bool, str]]] = lambda cfg: []
+
+    @property
+    def adapters(self) -> bool:
+        return self.lora_lr is not None
 
 
 @dataclass
@@ -135,116 +146,84 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    textual_inversion: TextualInversionConfig | None = None
-    dreambooth: DreamBoothConfig | None = None
-    finetune: FinetuneConfig | None = None
+    lora: LoraConfig | None = None  # methods that train adapters
+    section: str = ""  # the method's own section: its name and values
+    options: Any = None
+
+    def __getattr__(self, name: str):
+        # cfg.dreambooth, cfg.textual_inversion ...: the method's own section under its own name, as files
+        # and callers spell it.
+        if name in ("section", "options") or name.startswith("__"):
+            raise AttributeError(name)
+        if name == self.section:
+            return self.options
+        raise AttributeError(f"this {self.method} run has no {name!r} section")
+
+    def sections(self) -> dict[str, Any]:
+        """Every section this run has, by name, in file order."""
+        out = {"model": self.model, "data": self.data, "optim": self.optim, "train": self.train}
+        if self.lora is not None:
+            out["lora"] = self.lora
+        out[self.section] = self.options
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {"method": self.method, **{k: dataclasses.asdict(v) for k, v in self.sections().items()}}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def input_paths(self) -> dict[str, str]:
+        """{flag: path} of every setting the run reads from disk (fields declared with input=True)."""
+        from .config_checks import option_name
 
-METHOD_SECTIONS = {"textual-inversion": ("textual_inversion", TextualInversionConfig),
-                   "dreambooth": ("dreambooth", DreamBoothConfig),
-                   "finetune": ("finetune", FinetuneConfig)}
-# Flips: on for the few photos of a concept (more views; diffusers' textual inversion flips at 0.5), off for
-# captioned datasets, as train_text_to_image's opt-in --random_flip: a dataset's look can be one-sided, and
-# mirroring it teaches a second look (toyworld/style.py measured exactly that).
-DEFAULT_FLIP_P = {"textual-inversion": 0.5, "dreambooth": 0.5, "finetune": 0.0}
-# The seeds' learning rates: TI moves a few vectors, full DreamBooth the whole UNet, LoRA a small adapter.
-DEFAULT_LR = {"textual-inversion": 5e-4, "dreambooth": 5e-6, "dreambooth-lora": 1e-4, "finetune": 1e-5,
-              "finetune-lora": 1e-4}
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+        return {option_name(name, f): getattr(values, f.name) for name, values in self.sections().items()
+                for f in dataclasses.fields(values) if f.metadata.get("input") and getattr(values, f.name)}
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML (.yaml/.yml) or TOML (.toml) config file into nested dicts."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConceptorError(f"config file {path} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text) or {}
-    except Exception as e:  # any parser error is the user's file, one line is enough
-        raise ConceptorError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConceptorError(f"config file {path} must hold sections like 'train:' and 'optim:'")
-    return data
+
+# The first configs kept LoRA settings in the method's section; files and callers written then still work.
+_LEGACY_LORA_KEYS = {"lora": "enabled", "rank": "rank", "alpha": "alpha", "lora_targets": "targets",
+                     "lora_text_encoder": "text_encoder"}
 
 
-# What a config value must be, in the file's own words. An int field takes no bool (YAML's yes/no) and no
-# 3.0: a step count written as a float is more likely a typo than a wish; a float field takes ints.
-_KINDS = {bool: ("true or false", lambda v: isinstance(v, bool)),
-          int: ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-          float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-          str: ("a string", lambda v: isinstance(v, str))}
-_PLURAL = {bool: "true/false values", int: "whole numbers", float: "numbers", str: "strings"}
+def _lift_legacy_lora(section: str, values: dict[str, Any]) -> tuple[dict, dict]:
+    """(method values, lora values) from a method section that may still hold LoRA keys."""
+    own = {k: v for k, v in values.items() if k not in _LEGACY_LORA_KEYS}
+    return own, {_LEGACY_LORA_KEYS[k]: v for k, v in values.items() if k in _LEGACY_LORA_KEYS}
 
 
-def _kind_problem(hint: Any, value: Any) -> str | None:
-    """What ``value`` should be when it does not fit the annotation ``hint``; None when it fits."""
-    args = typing.get_args(hint)
-    if type(None) in args:  # X | None
-        if value is None:
-            return None
-        problem = _kind_problem(next(a for a in args if a is not type(None)), value)
-        return problem and f"{problem} or null"
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        ok = isinstance(value, list) and all(_kind_problem(item, v) is None for v in value)
-        return None if ok else f"a list of {_PLURAL[item]}"
-    if hint not in _KINDS:  # a field type this table does not know yet: its own checks apply
-        return None
-    word, fits = _KINDS[hint]
-    return None if fits(value) else word
+def build_config(method: str | MethodSpec, file_values: dict[str, Any] | None,
+                 overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    """Merge file values and CLI overrides (section -> key -> value; None means 'not given'), then check."""
+    if isinstance(method, str):
+        from .methods import get_spec  # the registry: methods/__init__.py (names -> their files)
 
-
-def _shown(value: Any) -> str:
-    """A file value as the user wrote it, one short line."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_types(section: str, cls: type, values: dict[str, Any]) -> None:
-    """Every known key of a config-file section against its dataclass annotation (unknown keys are caught later)."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        problem = _kind_problem(hints[key], value) if key in hints else None
-        if problem:
-            raise ConceptorError(f"config file: {section}.{key} must be {problem}, got {_shown(value)}")
-
-
-def build_config(method: str, file_values: dict[str, Any] | None, overrides: dict[str, dict[str, Any]]) -> RunConfig:
-    """Merge file values and CLI overrides (section -> key -> value; None means 'not given')."""
-    if method not in METHOD_SECTIONS:
-        raise ConceptorError(f"unknown method {method!r}; choose one of {', '.join(METHOD_SECTIONS)}")
-    method_key, method_cls = METHOD_SECTIONS[method]
-    classes = {**_SECTIONS, method_key: method_cls}
+        method = get_spec(method)
+    spec = method
+    classes = {**SHARED_SECTIONS, **({"lora": LoraConfig} if spec.adapters else {}), spec.section: spec.options}
     merged: dict[str, dict[str, Any]] = {name: {} for name in classes}
-    for name, values in (file_values or {}).items():
-        if name == "method":
-            if values != method:
-                raise ConceptorError(f"config file is for method {values!r}, not {method!r}")
-            continue
-        if name not in classes:
-            raise ConceptorError(f"unknown config section {name!r}; valid: {', '.join(classes)}")
-        if not isinstance(values, dict):
-            raise ConceptorError(f"config section {name!r} must be a mapping of key: value")
-        check_types(name, classes[name], values)
-        merged[name].update(values)
-    for name, values in overrides.items():
-        merged[name].update({k: v for k, v in values.items() if v is not None})
+    layers = [(True, (file_values or {}).items()), (False, overrides.items())]
+    for from_file, items in layers:
+        for name, values in items:
+            if name == "method":
+                if values != spec.name:
+                    raise ConceptorError(f"config file is for method {values!r}, not {spec.name!r}")
+                continue
+            if name not in classes:
+                raise ConceptorError(f"unknown config section {name!r}; valid: {', '.join(classes)}")
+            if not isinstance(values, dict):
+                raise ConceptorError(f"config section {name!r} must be a mapping of key: value")
+            if not from_file:
+                values = {k: v for k, v in values.items() if v is not None}
+            if name == spec.section and spec.adapters:
+                values, lifted = _lift_legacy_lora(name, values)
+                if from_file:
+                    check_types("lora", LoraConfig, lifted)
+                merged["lora"].update(lifted)
+            if from_file:
+                check_types(name, classes[name], values)
+            merged[name].update(values)
     sections = {}
     for name, cls in classes.items():
         names = {f.name for f in dataclasses.fields(cls)}
@@ -253,44 +232,21 @@ def build_config(method: str, file_values: dict[str, Any] | None, overrides: dic
             raise ConceptorError(f"unknown key(s) {', '.join(unknown)} in section {name!r}; "
                                  f"valid: {', '.join(sorted(names))}")
         sections[name] = cls(**merged[name])
-    cfg = RunConfig(method=method, **sections)
+    cfg = RunConfig(method=spec.name, model=sections["model"], data=sections["data"], optim=sections["optim"],
+                    train=sections["train"], lora=sections.get("lora"), section=spec.section,
+                    options=sections[spec.section])
     if cfg.data.flip_p is None:
-        cfg.data.flip_p = DEFAULT_FLIP_P[method]
+        cfg.data.flip_p = spec.flip_p
     if cfg.optim.lr is None:
-        lora = (cfg.dreambooth and cfg.dreambooth.lora) or (cfg.finetune and cfg.finetune.lora)
-        cfg.optim.lr = DEFAULT_LR[method + ("-lora" if lora else "")]
-    validate(cfg)
+        cfg.optim.lr = spec.lora_lr if cfg.lora is not None and cfg.lora.enabled else spec.lr
+    validate(cfg, spec)
     return cfg
 
 
-# Keys with no CLI flag: a message names them as the config file spells them.
-_FILE_ONLY = {"adam_beta1", "adam_beta2", "adam_epsilon", "validation_sampling_steps"}
-# data/order.py seeds torch generators with seed * 1_000_003 + epoch, and torch takes at most 2**64 - 1:
-# seeds above 18446688733643 overflow at once (measured). 2**44 - 1 leaves room for 8e17 epochs, and for
-# the seed + 1, seed + k streams of class images and LoRA initialisation.
-MAX_TRAIN_SEED = 2**44 - 1
-
-
-def option_name(section: str, key: str) -> str:
-    """How the user gave a setting: its flag, or section.key for settings only a config file holds."""
-    return f"{section}.{key}" if key in _FILE_ONLY else "--" + key.replace("_", "-")
-
-
-def check_finite(cfg: RunConfig) -> None:
-    """NaN/inf in any float setting (a config file's .nan, a flag's 'inf') passes every < and > test silently."""
-    for section in (f.name for f in dataclasses.fields(cfg) if f.name != "method"):
-        values = getattr(cfg, section)
-        if values is None:  # another method's section
-            continue
-        for key, hint in typing.get_type_hints(type(values)).items():
-            value = getattr(values, key)
-            if float in (hint, *typing.get_args(hint)) and value is not None and not math.isfinite(value):
-                raise ConceptorError(f"{option_name(section, key)} must be a finite number, got {value}")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Checks that need no model: each failure is one actionable line."""
-    check_finite(cfg)
+def validate(cfg: RunConfig, spec: MethodSpec) -> None:
+    """Checks that need no model: each failure is one actionable line. Shared sections here, the method's
+    own in its spec, so Python callers get exactly what the CLI gets."""
+    check_finite(cfg.sections())
     t, o, d = cfg.train, cfg.optim, cfg.data
     checks = [
         (t.steps >= 1, "--steps must be at least 1"),
@@ -320,50 +276,42 @@ def validate(cfg: RunConfig) -> None:
          f"--resolution {d.resolution} must be a positive multiple of 8 (e.g. 512)"),
         (0.0 <= d.flip_p <= 1.0, "--flip-p must be between 0 and 1"),
         (d.repeats >= 1, "--repeats must be at least 1"),
+        (t.epochs is None or t.epochs >= 1, "--epochs must be at least 1"),
     ]
-    if cfg.textual_inversion is not None:
-        ti = cfg.textual_inversion
+    if cfg.lora is not None:
+        lo = cfg.lora
         checks += [
-            (bool(ti.token), "--token is required, e.g. --token '<cat-toy>'"),
-            (bool(ti.init_token), "--init-token is required: one word close to the concept, e.g. toy"),
-            (1 <= ti.vectors <= 64, "--vectors must be between 1 and 64"),
-            (ti.what in ("object", "style"), "--what must be object or style"),
+            (lo.rank >= 1, "--rank must be at least 1"),
+            (lo.alpha is None or lo.alpha > 0, "--alpha must be positive"),
+            (lo.targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
+            (not lo.text_encoder or lo.enabled, "--lora-text-encoder needs --lora"),
         ]
-    if cfg.dreambooth is not None:
-        db = cfg.dreambooth
-        checks += [
-            (bool(db.instance_prompt), "--instance-prompt is required, e.g. 'a photo of sks toy'"),
-            (db.num_class_images >= 1, "--num-class-images must be at least 1"),
-            (db.class_sampling_steps >= 1, "--class-sampling-steps must be at least 1"),
-            (db.prior_loss_weight >= 0, "--prior-loss-weight must be >= 0"),
-            (db.rank >= 1, "--rank must be at least 1"),
-            (db.lora_targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
-            (db.alpha is None or db.alpha > 0, "--alpha must be positive"),
-            (not db.lora_text_encoder or db.lora, "--lora-text-encoder needs --lora"),
-            (not (db.lora and db.train_text_encoder),
-             "with --lora, train the text encoder as a LoRA too: --lora-text-encoder (not --train-text-encoder)"),
-            (not (db.lora and db.save_single_file),
-             "--save-single-file writes a full model; a LoRA run writes pytorch_lora_weights.safetensors"),
-            (db.class_images is None or db.class_prompt,
-             "--class-images needs --class-prompt (the prompt its images show, e.g. 'a photo of a toy')"),
-            (db.text_encoder_lr is None or db.text_encoder_lr > 0, "--text-encoder-lr must be positive"),
-        ]
-    if cfg.finetune is not None:
-        ft = cfg.finetune
-        checks += [
-            (bool(ft.dataset), "--dataset is required: a CSV, an image folder (metadata.jsonl or .txt captions) "
-                               "or a saved Hugging Face dataset"),
-            (0 <= ft.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
-            (ft.rank >= 1, "--rank must be at least 1"),
-            (ft.alpha is None or ft.alpha > 0, "--alpha must be positive"),
-            (ft.lora_targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
-            (not (ft.lora and ft.save_single_file), "--save-single-file writes a full model, not a LoRA"),
-            (ft.min_res is None or ft.max_res is None or ft.min_res <= ft.max_res, "--min-res must be <= --max-res"),
-            (t.epochs is None or t.epochs >= 1, "--epochs must be at least 1"),
-        ]
-    for ok, message in checks:
+    for ok, message in checks + list(spec.checks(cfg)):
         if not ok:
             raise ConceptorError(message)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) config file into nested dicts."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConceptorError(f"config file {path} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # any parser error is the user's file, one line is enough
+        raise ConceptorError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConceptorError(f"config file {path} must hold sections like 'train:' and 'optim:'")
+    return data
+
 
 
 def config_from_saved(path: str | Path) -> dict[str, Any]:
@@ -371,5 +319,3 @@ def config_from_saved(path: str | Path) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
 
 
-def dumps_json(cfg: RunConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)

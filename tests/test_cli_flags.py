@@ -16,9 +16,9 @@ REQUIRED = {  # the smallest valid command per method; a flag under test replace
     "dreambooth": ["--instance-prompt", "a photo of sks toy", "--images", "imgs"],
     "finetune": ["--dataset", "data.csv"],
 }
-# Flags that on purpose only restate a default: finetune's --center-crop (the default crop) is the
-# counterpart of --random-crop in a mutually exclusive pair.
-PURE_ALIASES = {("finetune", "center_crop_ft")}
+# Flags that on purpose only restate a default (none today: finetune's --center-crop, once one, now sets
+# data.center_crop like every method's).
+PURE_ALIASES: set[tuple[str, str]] = set()
 NOT_SETTINGS = {"help", "config"}  # --config names the file the settings come from
 # Values other than the defaults that pass validation, where the generic ones below would not.
 VALUES = {"resolution": "72", "vectors": "3", "class_prompt": "a photo of a toy", "class_images": "class-dir"}
@@ -35,8 +35,9 @@ def _value_for(action: argparse.Action, default) -> list[str]:
     """Command-line words that give ``action`` a value other than ``default``."""
     if isinstance(action, argparse._StoreConstAction):
         return [action.option_strings[0]]
-    if action.dest in VALUES:
-        return [action.option_strings[0], VALUES[action.dest]]
+    key = action.dest.rsplit(".", 1)[-1]  # train flags' dests are section.key
+    if key in VALUES:
+        return [action.option_strings[0], VALUES[key]]
     if action.choices:
         return [action.option_strings[0], next(str(c) for c in action.choices if c != default)]
     if action.type is int:

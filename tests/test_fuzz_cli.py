@@ -74,12 +74,13 @@ def _damage(root, kind):
         (target / "config.yaml").write_bytes(b"\xff\x00: [")
     elif kind == "manifest":
         (target / MANIFEST).write_text('{"files": "everything"}')
-    elif kind == "state":
-        (target / "checkpoints" / "step-000002" / "state.json").write_text('{"step": -4}')
+    latest = max((target / "checkpoints").glob("step-*"), default=None)  # an --overwrite may have shortened it
+    if kind == "state" and latest is not None:
+        (latest / "state.json").write_text('{"step": -4}')
     elif kind == "metrics":
         (target / "metrics.jsonl").write_text("[1]\n{\"step\": \"x\"}\n\x00\n")
-    elif kind == "optimizer":
-        (target / "checkpoints" / "step-000002" / "optimizer.pt").write_bytes(os.urandom(64))
+    elif kind == "optimizer" and latest is not None:
+        (latest / "optimizer.pt").write_bytes(os.urandom(64))
     (root / "linked-run" / "loss.png").unlink()
     os.symlink(root / "user" / "notes.txt", root / "linked-run" / "loss.png")
 
@@ -137,7 +138,9 @@ def _check(root, argv, output, generated=()):
         under_output = rel_out is not None and (k == rel_out or k.startswith(rel_out + os.sep))
         if rel_out is not None and rel_out.startswith(k + os.sep) and after.get(k, ("",))[0] == "other":
             continue  # a folder made on the way to the output
-        ok = k in allowed or (under_output and (os.path.basename(k) in generated or k.endswith(".tmp")
+        emptied = before.get(k, ("",))[0] == "other" and k not in after and all(  # a folder --overwrite emptied
+            f in allowed for f in before if f.startswith(k + os.sep) and before[f][0] == "file")
+        ok = k in allowed or (under_output and (os.path.basename(k) in generated or k.endswith(".tmp") or emptied
                                                 or "/class_images" in "/" + k or after.get(k, ("",))[0] == "other"))
         assert ok, f"conceptor {' '.join(map(str, argv))} changed {k}, which it did not own"
     return code
@@ -147,7 +150,8 @@ def _optional_flags(parser: argparse.ArgumentParser, draw, skip=()):
     """Zero to three flags of the parser, each with a value from its domain's edges. Few flags per example
     keep some examples valid (they train or generate, and so exercise the folders); argparse's own type
     errors are tested elsewhere, so values are of the right type but at the edges."""
-    actions = [a for a in parser._actions if a.option_strings and a.dest not in ("help", "config", *skip)]
+    actions = [a for a in parser._actions if a.option_strings
+               and a.dest.rsplit(".", 1)[-1] not in ("help", "config", *skip)]
     chosen = draw(st.lists(st.sampled_from(actions), min_size=0, max_size=3, unique_by=lambda a: a.dest))
     words = []
     for action in chosen:
@@ -155,8 +159,9 @@ def _optional_flags(parser: argparse.ArgumentParser, draw, skip=()):
         if action.nargs == 0:
             words.append(flag)
             continue
-        if action.dest in SMALL:
-            value = draw(SMALL[action.dest])
+        key = action.dest.rsplit(".", 1)[-1]  # train flags' dests are section.key
+        if key in SMALL:
+            value = draw(SMALL[key])
         elif action.choices:
             value = draw(st.sampled_from([str(c) for c in action.choices]))
         elif action.type is int:
@@ -183,9 +188,9 @@ FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
 @FUZZ
 @given(data=st.data())
 def test_train_any_flags_any_folder(sandbox, tiny_sd1, data):
-    draw = data.draw
+    draw = data.draw  # everything is drawn before anything is done: the sandbox changes between examples
     method = draw(st.sampled_from(["textual-inversion", "dreambooth", "finetune"]))
-    _damage(sandbox, draw(st.sampled_from(["config", "manifest", "state", "metrics", "optimizer", "none"])))
+    damage = draw(st.sampled_from(["config", "manifest", "state", "metrics", "optimizer", "none"]))
     output = _place(sandbox, draw(st.sampled_from(PLACES)))
     required = {"textual-inversion": ["--token", "<fz>", "--init-token", "toy", "--images", str(sandbox / "images")],
                 "dreambooth": ["--instance-prompt", "a photo of sks toy", "--images", str(sandbox / "images")],
@@ -197,6 +202,7 @@ def test_train_any_flags_any_folder(sandbox, tiny_sd1, data):
     argv += _optional_flags(_subparser("train", method), draw,
                             skip=("model", "images", "dataset", "output", "class_images", "cache_dir",
                                   "validation_prompt", "model_config", "vae", "resume", "overwrite"))
+    _damage(sandbox, damage)
     _check(sandbox, argv, output)
 
 
@@ -222,7 +228,7 @@ def test_generate_any_flags(sandbox, tiny_sd1, data):
 @given(data=st.data())
 def test_convert_and_eval_any_input(sandbox, data):
     draw = data.draw
-    _damage(sandbox, draw(st.sampled_from(["config", "manifest", "state", "none"])))
+    damage = draw(st.sampled_from(["config", "manifest", "state", "none"]))
     src = draw(st.sampled_from([str(sandbox / "run" / "learned_embeds.safetensors"), str(sandbox / "user-file.txt"),
                                 str(sandbox / "fifo"), str(sandbox / "images" / "0.png"), str(sandbox / "nothing.pt")]))
     if draw(st.booleans()):
@@ -231,6 +237,7 @@ def test_convert_and_eval_any_input(sandbox, data):
                                     str(sandbox / "fifo"), str(sandbox / "user-file.txt"), str(sandbox / "user")]))
         to = draw(st.sampled_from(["diffusers", "kohya", "a1111"] if kind == "embedding" else ["diffusers", "kohya"]))
         argv = ["convert", kind, src, dst, "--to", to]
+        _damage(sandbox, damage)
         if dst == str(sandbox / "conv.safetensors") or dst == str(sandbox / "conv.pt"):
             for name in ("conv.safetensors", "conv.pt"):
                 (sandbox / name).unlink(missing_ok=True)
@@ -239,5 +246,6 @@ def test_convert_and_eval_any_input(sandbox, data):
         run = draw(st.sampled_from([str(sandbox / "damaged-run"), str(sandbox / "user"), str(sandbox / "images"),
                                     str(sandbox / "user-file.txt")]))
         argv = ["eval", run, "--num-images", draw(st.sampled_from(["0", "1", "-1"])), "--steps", "1"]
+        _damage(sandbox, damage)
         _check(sandbox, argv, run if run.endswith("run") else None, {"eval.json"} |
                {f"eval-{n}.png" for n in ("before", "after", "class", "base", "finetuned", "fidelity", "editability")})

@@ -2,6 +2,10 @@
 
     python tools/update_lock.py                 # newest versions the pyproject ranges allow
     python tools/update_lock.py --only peft     # move one package (others stay at the lock)
+    python tools/update_lock.py --torch 2.14.1  # torch is held at the lock's version unless named
+
+torch is held because its build is the machine's (CPU here, CUDA on a GPU machine): moving it is a
+decision, not a side effect, and a CUDA build's nvidia-*/triton wheels are never written to the lock.
 
 In a scratch virtual environment it installs conceptor with the test extra from the pyproject ranges alone
 (so whatever is newest today), runs the lint and the whole test suite offline, and prints what changed
@@ -20,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "constraints.txt"
+MACHINE_SPECIFIC = ("nvidia-", "cuda-", "triton")  # what a CUDA torch build pulls in; not ours to pin
 HEADER = """\
 # The exact set the test suite and lint passed with (Python {python}, on {date}).
 # Install it:   pip install -c constraints.txt -e ".[test]"
@@ -52,8 +57,8 @@ def frozen(python: Path) -> dict[str, str]:
     pins = {}
     for line in out.splitlines():
         name, sep, version = line.partition("==")
-        if sep:  # local labels (+cpu, +cu124) are the machine's build, not the version
-            pins[_norm(name)] = version.split("+")[0]
+        if sep and not _norm(name).startswith(MACHINE_SPECIFIC):
+            pins[_norm(name)] = version.split("+")[0]  # local labels (+cpu, +cu124) are the machine's build
     return pins
 
 
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="PKG", help="upgrade only these; keep every other pin")
     p.add_argument("--venv", metavar="DIR", help="scratch venv folder (default: a new temporary one)")
     p.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-x'")
+    p.add_argument("--torch", metavar="VERSION", help="move torch to this version (default: keep the lock's)")
     args = p.parse_args(argv)
 
     old = read_lock()
@@ -79,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     py = venv / "bin" / "python"
     _run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
     install = [str(py), "-m", "pip", "install", "-q", "--upgrade", "-e", ".[test]"]
+    keep = {"torch": args.torch or old.get("torch")} if (args.torch or old.get("torch")) else {}
     if args.only:  # every other package held at the lock
-        keep = [f"{k}=={v}" for k, v in old.items() if k not in {_norm(n) for n in args.only}]
-        held = Path(venv.parent / "held.txt")
-        held.write_text("\n".join(keep) + "\n")
-        install += ["-c", str(held)]
+        keep.update({k: v for k, v in old.items() if k not in {_norm(n) for n in args.only}})
+    held = Path(venv.parent / "held.txt")
+    held.write_text("".join(f"{k}=={v}\n" for k, v in keep.items()))
+    install += ["-c", str(held)]
     if _run(install).returncode:
         print("install failed: the newest versions do not resolve together; lock unchanged")
         return 1

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import METHOD_SECTIONS, build_config, config_from_saved
+from ..config import build_config, config_from_saved
 from ..errors import ConceptorError
 from ..fileio import atomic_path, write_text
+from ..methods import REGISTRY
 from ..training.manifest import Manifest
 
 log = logging.getLogger("conceptor")
@@ -54,7 +55,7 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
         db = cfg["dreambooth"]
         subject = subject_of(db["instance_prompt"])
         class_prompt = class_prompt or db.get("class_prompt")
-        loaded = _trained_model(run, base, bool(db.get("lora")))
+        loaded = _trained_model(run, base, bool(cfg.get("lora", {}).get("enabled")))
     evaluator = load_evaluator()
     reference = [load_image(p) for p in list_images(cfg["data"]["images"])]
     identity = identify(evaluator, reference)
@@ -79,7 +80,7 @@ def _saved_config(run: Path) -> dict:
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise ConceptorError(f"{path} is damaged ({type(e).__name__}); it cannot be evaluated") from None
     method = raw.get("method") if isinstance(raw, dict) else None
-    if method not in METHOD_SECTIONS:
+    if method not in REGISTRY:
         raise ConceptorError(f"conceptor eval measures textual-inversion, dreambooth and finetune runs; {path} "
                              f"names method {method!r}")
     try:
@@ -112,7 +113,7 @@ def _finetune_scores(run: Path, cfg: dict, base: str | None, **kw) -> tuple[dict
     # Bad rows were dealt with when the run trained; here they are only skipped (the eval needs a sample).
     examples = load_examples(ft["dataset"], ft.get("image_column"), ft.get("caption_column"), skip_bad=True)
     sample = random.Random(0).sample(examples, min(256, len(examples)))
-    tuned = _trained_model(run, base, bool(ft.get("lora")))
+    tuned = _trained_model(run, base, bool(cfg.get("lora", {}).get("enabled")))
     scores, sets = evaluate_finetune(tuned, api.load(base), load_evaluator(), [ex.image() for ex in sample],
                                      [ex.caption for ex in examples], **kw)
     return {"method": "finetune", **scores}, sets

@@ -8,34 +8,25 @@ text encoder the two prompts are encoded once too, so a step is one UNet forward
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
+from ..config import MethodSpec, RunConfig, opt
 from ..data.images import IMAGE_EXTS, list_images, load_image, to_tensor
 from ..data.order import batch_indices
 from ..fileio import atomic_path
-from ..formats.lora import lora_from_peft, write_lora
-from ..models.adapters import (
-    TEXT_LORA_TARGETS,
-    UNET_LORA_TARGETS,
-    add_lora,
-    load_trained_state,
-    train_whole,
-    trained_state,
-)
+from ..models.adapters import add_adapters, load_trained_state, save_adapters, train_whole, trained_state
 from ..models.load import Components
 from ..models.save import save_pipeline
 from ..models.text import added_conditioning, encode, token_ids
 from ..sampling.pipeline import check_vae_memory
-from ..training.method import Shard
+from ..training.method import Setup, Shard
 from .denoise import LatentSet, denoising_loss
 
 log = logging.getLogger("conceptor")
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def ensure_class_images(components: Components, folder: Path, prompt: str, n: int, *, steps: int,
@@ -66,11 +57,49 @@ def ensure_class_images(components: Components, folder: Path, prompt: str, n: in
     return list_images(folder)[:n]
 
 
+@dataclass
+class DreamBoothConfig:
+    instance_prompt: str = opt("", "prompt of your images with a rare token: 'a photo of sks toy'", metavar="P")
+    class_prompt: str | None = opt(None, "the class without the token ('a photo of a toy'): turns on prior "
+                                         "preservation", metavar="P")
+    class_images: str | None = opt(None, "class images; missing ones are generated here (default "
+                                         "OUTPUT/class_images)", metavar="DIR", input=True)
+    num_class_images: int = opt(100, "class images to use (default 100)", metavar="N")
+    prior_loss_weight: float = opt(1.0, "weight of the class loss (default 1.0)", metavar="F")
+    class_sampling_steps: int = opt(25, "sampler steps per class image (default 25)", metavar="N")
+    class_guidance: float | None = opt(None, "guidance for class images (default: the model's)", metavar="F")
+    train_text_encoder: bool = opt(False, "fine-tune the text encoder too (full DreamBooth)")
+    text_encoder_lr: float | None = opt(None, "learning rate of the text encoder (default --lr)", metavar="F")
+    save_single_file: bool = opt(False, "also write OUTPUT/model.safetensors (A1111/ComfyUI)")
+
+
+def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    db, lora = cfg.options, cfg.lora
+    images = cfg.data.images
+    return [
+        (images is not None, "--images is required: a folder with 3-20 pictures of your concept"),
+        (bool(db.instance_prompt), "--instance-prompt is required, e.g. 'a photo of sks toy'"),
+        (db.num_class_images >= 1, "--num-class-images must be at least 1"),
+        (db.class_sampling_steps >= 1, "--class-sampling-steps must be at least 1"),
+        (db.prior_loss_weight >= 0, "--prior-loss-weight must be >= 0"),
+        (not (lora.enabled and db.train_text_encoder),
+         "with --lora, train the text encoder as a LoRA too: --lora-text-encoder (not --train-text-encoder)"),
+        (not (lora.enabled and db.save_single_file),
+         "--save-single-file writes a full model; a LoRA run writes pytorch_lora_weights.safetensors"),
+        (db.class_images is None or db.class_prompt,
+         "--class-images needs --class-prompt (the prompt its images show, e.g. 'a photo of a toy')"),
+        (db.text_encoder_lr is None or db.text_encoder_lr > 0, "--text-encoder-lr must be positive"),
+        (not (images and db.class_images and Path(db.class_images).resolve() == Path(images).resolve()),
+         "--class-images must be another folder than --images (class images are generic)"),
+    ]
+
+
 class DreamBooth:
     name = "dreambooth"
 
-    def setup(self, components: Components, cfg: RunConfig, device: torch.device, shard: Shard = Shard()) -> list:
-        db = self.db = cfg.dreambooth
+    def setup(self, components: Components, cfg: RunConfig, device: torch.device, shard: Shard = Shard()) -> Setup:
+        db = self.db = cfg.options
+        self.lora = cfg.lora.enabled
         self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
         resolution = cfg.data.resolution or components.default_resolution
 
@@ -93,7 +122,7 @@ class DreamBooth:
         self.resolution = resolution
         prompts = {"instance": db.instance_prompt, "class": db.class_prompt or ""}
         self.ids = {k: token_ids(components, [v]) for k, v in prompts.items()}
-        self.text_trains = db.train_text_encoder or db.lora_text_encoder
+        self.text_trains = db.train_text_encoder or cfg.lora.text_encoder
         if not self.text_trains:  # frozen text encoder(s): both prompts are encoded once
             with torch.no_grad():
                 self.encoded = {k: encode(components, v) for k, v in self.ids.items()}
@@ -101,13 +130,8 @@ class DreamBooth:
         unet = components.unet
         groups = []
         te_lr = db.text_encoder_lr or cfg.optim.lr
-        if db.lora:
-            targets = UNET_LORA_TARGETS[db.lora_targets]
-            groups.append({"params": add_lora(unet, db.rank, db.alpha, targets, cfg.train.seed)})
-            if db.lora_text_encoder:  # SDXL: both text encoders
-                for k, te in enumerate(components.text_encoders):
-                    groups.append({"params": add_lora(te, db.rank, db.alpha, TEXT_LORA_TARGETS,
-                                                      cfg.train.seed + 1 + k), "lr": te_lr})
+        if self.lora:  # SDXL: both text encoders, with --lora-text-encoder
+            groups = add_adapters(self._modules(), cfg.lora, te_lr, cfg.train.seed)
         else:
             groups.append({"params": train_whole(unet)})
             if db.train_text_encoder:
@@ -121,10 +145,10 @@ class DreamBooth:
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         n = sum(p.numel() for g in groups for p in g["params"])
-        log.info("dreambooth%s: %d instance image(s)%s, %.1fM trainable parameters", " LoRA" if db.lora else "",
+        log.info("dreambooth%s: %d instance image(s)%s, %.1fM trainable parameters", " LoRA" if self.lora else "",
                  self.instance.n, f", {self.prior.n} class image(s)" if self.prior else " (no prior preservation)",
                  n / 1e6)
-        return groups
+        return Setup(groups)
 
     # -- per step --------------------------------------------------------------------------------
     def _text(self, kind: str, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -172,22 +196,20 @@ class DreamBooth:
         return mods
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return trained_state(self._modules(), self.db.lora)
+        return trained_state(self._modules(), self.lora)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trained_state(self._modules(), state, self.db.lora)
+        load_trained_state(self._modules(), state, self.lora)
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
         folder = Path(folder)
-        if self.db.lora:
-            lora = {}
-            for name, m in self._modules().items():
-                lora.update(lora_from_peft(m, name))
-            name = LORA_FILE if final else LORA_FILE.replace(".safetensors", f"-steps-{step}.safetensors")
-            return [write_lora(lora, folder / name, "diffusers")]
+        if self.lora:
+            return save_adapters(self._modules(), folder, step, final)
         if not final:
             return []  # a full model per snapshot would be GBs; checkpoints/ holds the weights
         return save_pipeline(self.c, folder, self.cfg.model, self.text_trains, self.db.save_single_file)
 
-    def prompt(self, text: str) -> str:
-        return text
+
+SPEC = MethodSpec(name="dreambooth", section="dreambooth", options=DreamBoothConfig, make=DreamBooth,
+                  help="fine-tune the UNet (or a LoRA) on a subject, with prior preservation", lr=5e-6,
+                  lora_lr=1e-4, flip_p=0.5, checks=_checks)

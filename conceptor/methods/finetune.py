@@ -11,35 +11,64 @@ from __future__ import annotations
 import logging
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
+from ..config import LORA_TARGET_SETS, MethodSpec, RunConfig, opt
 from ..data.buckets import center_crop_offset, fit, make_buckets, nearest_bucket
 from ..data.cache import TensorCache, default_cache_dir, fingerprint, key
 from ..data.captions import load_examples
 from ..data.images import pil_to_tensor
 from ..data.order import BucketBatches
-from ..formats.lora import lora_from_peft, write_lora
-from ..models.adapters import UNET_LORA_TARGETS, add_lora, load_trained_state, train_whole, trained_state
+from ..models.adapters import add_adapters, load_trained_state, save_adapters, train_whole, trained_state
 from ..models.load import Components
 from ..models.save import save_pipeline
 from ..models.text import encode, token_ids
 from ..sampling.pipeline import check_vae_memory
-from ..training.method import Shard
+from ..training.method import Setup, Shard
 from .denoise import denoising_loss, encode_posterior, scale_latents
 
 log = logging.getLogger("conceptor")
-LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class FinetuneConfig:
+    dataset: str = opt("", "CSV (image_path,caption), folder with metadata.jsonl or .txt captions, a datasets "
+                           "save_to_disk folder, or a hub dataset name", metavar="SRC", input=True)
+    image_column: str | None = opt(None, None, metavar="C")
+    caption_column: str | None = opt(None, None, metavar="C")
+    skip_bad: bool = opt(False, "skip (and count) bad rows instead of stopping")
+    caption_dropout: float = opt(0.0, "probability of an empty caption (default 0)", metavar="F")
+    buckets: bool = opt(False, "aspect-ratio buckets instead of square crops")
+    min_res: int | None = opt(None, "smallest bucket side (default resolution/2)", metavar="N")
+    max_res: int | None = opt(None, "largest bucket side (default resolution*2)", metavar="N")
+    random_crop: bool = opt(False, "random crops (latents then cannot be cached; default: centre crops)")
+    save_single_file: bool = opt(False, "also write OUTPUT/model.safetensors (+ .yaml)")
+    cache_dir: str | None = opt(None, "latent/text cache (default ~/.cache/conceptor; 'none' = off)", metavar="DIR")
+
+
+def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    ft = cfg.options
+    return [
+        (bool(ft.dataset), "--dataset is required: a CSV, an image folder (metadata.jsonl or .txt captions) "
+                           "or a saved Hugging Face dataset"),
+        (0 <= ft.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
+        (not (cfg.lora.enabled and ft.save_single_file), "--save-single-file writes a full model, not a LoRA"),
+        (ft.min_res is None or ft.max_res is None or ft.min_res <= ft.max_res, "--min-res must be <= --max-res"),
+        (not (ft.random_crop and cfg.data.center_crop), "--random-crop and --center-crop exclude each other"),
+        (cfg.lora.targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
+    ]
 
 
 class Finetune:
     name = "finetune"
 
-    def setup(self, components: Components, cfg: RunConfig, device: torch.device, shard: Shard = Shard()) -> list:
-        ft = self.ft = cfg.finetune
+    def setup(self, components: Components, cfg: RunConfig, device: torch.device, shard: Shard = Shard()) -> Setup:
+        ft = self.ft = cfg.options
+        self.lora = cfg.lora.enabled
         self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
         examples = load_examples(ft.dataset, ft.image_column, ft.caption_column, ft.skip_bad)
         resolution = cfg.data.resolution or components.default_resolution
@@ -60,8 +89,7 @@ class Finetune:
         self.order = BucketBatches([bucket_ids[s] for s in sizes], cfg.train.batch_size * self.shard.world,
                                    cfg.train.seed)
         per_step = cfg.train.grad_accum
-        if cfg.train.epochs:
-            cfg.train.steps = math.ceil(cfg.train.epochs * self.order.per_epoch / per_step)
+        steps = math.ceil(cfg.train.epochs * self.order.per_epoch / per_step) if cfg.train.epochs else None
         cache_dir = None if (ft.cache_dir or "").lower() == "none" else Path(ft.cache_dir or default_cache_dir())
         self.cache = TensorCache(cache_dir / "tensors" if cache_dir else None)
         self.flip = cfg.data.flip_p > 0
@@ -74,12 +102,12 @@ class Finetune:
                  cfg.train.batch_size, per_step, self.shard.world, cache_dir or "off")
 
         unet = components.unet
-        params = (add_lora(unet, ft.rank, ft.alpha, UNET_LORA_TARGETS[ft.lora_targets], cfg.train.seed) if ft.lora
-                  else train_whole(unet))
+        params = (add_adapters({"unet": unet}, cfg.lora, None, cfg.train.seed) if self.lora
+                  else [{"params": train_whole(unet)}])
         unet.train()
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        return params
+        return Setup(params, steps=steps)
 
     # -- caches ----------------------------------------------------------------------------------
     def _pixels(self, i: int, rng: random.Random | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -166,20 +194,23 @@ class Finetune:
 
     # -- state and files -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return trained_state({"unet": self.c.unet}, self.ft.lora)
+        return trained_state({"unet": self.c.unet}, self.lora)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trained_state({"unet": self.c.unet}, state, self.ft.lora)
+        load_trained_state({"unet": self.c.unet}, state, self.lora)
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
         folder = Path(folder)
-        if self.ft.lora:
-            name = LORA_FILE if final else LORA_FILE.replace(".safetensors", f"-steps-{step}.safetensors")
-            return [write_lora(lora_from_peft(self.c.unet, "unet"), folder / name, "diffusers")]
+        if self.lora:
+            return save_adapters({"unet": self.c.unet}, folder, step, final)
         if not final:
             return []
         return save_pipeline(self.c, folder, self.cfg.model, False, self.ft.save_single_file)
 
-    def prompt(self, text: str) -> str:
-        return text
 
+
+# Flips off: a captioned dataset's look can be one-sided, and mirroring it teaches a second look
+# (toyworld/style.py measured exactly that); diffusers' train_text_to_image has --random_flip opt-in too.
+SPEC = MethodSpec(name="finetune", section="finetune", options=FinetuneConfig, make=Finetune,
+                  help="fine-tune the UNet (or a LoRA) on an image-caption dataset", lr=1e-5, lora_lr=1e-4,
+                  flip_p=0.0, checks=_checks)

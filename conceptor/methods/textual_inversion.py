@@ -7,11 +7,12 @@ whole embedding matrix (see models/tokens.py). The text encoder still runs every
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import MethodSpec, RunConfig, opt
 from ..data.images import list_images, load_image, read_caption, to_tensor
 from ..data.order import batch_indices
 from ..data.templates import fill, load_templates
@@ -21,17 +22,37 @@ from ..models.load import Components
 from ..models.text import added_conditioning, check_token_fits, encode, token_ids
 from ..models.tokens import add_tokens, check_new_token, expand_prompt, initializer_id, token_names
 from ..sampling.pipeline import check_vae_memory
-from ..training.method import Shard
+from ..training.method import Setup, Shard
 from .denoise import LatentSet, denoising_loss
 
 log = logging.getLogger("conceptor")
+
+
+@dataclass
+class TextualInversionConfig:
+    token: str = opt("", "the new placeholder token, e.g. '<cat-toy>'")
+    init_token: str = opt("", "one existing word to start from, e.g. toy")
+    vectors: int = opt(1, "vectors per token (default 1)", metavar="N")
+    what: str = opt("object", "template set (default object)", choices=("object", "style"))
+    templates: str | None = opt(None, "own templates, one per line with {} for the token", metavar="FILE")
+
+
+def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    ti = cfg.options
+    return [
+        (cfg.data.images is not None, "--images is required: a folder with 3-20 pictures of your concept"),
+        (bool(ti.token), "--token is required, e.g. --token '<cat-toy>'"),
+        (bool(ti.init_token), "--init-token is required: one word close to the concept, e.g. toy"),
+        (1 <= ti.vectors <= 64, "--vectors must be between 1 and 64"),
+        (ti.what in ("object", "style"), "--what must be object or style"),
+    ]
 
 
 class TextualInversion:
     name = "textual-inversion"
 
     def setup(self, components: Components, cfg: RunConfig, device: torch.device,
-              shard: Shard = Shard()) -> list[torch.nn.Parameter]:
+              shard: Shard = Shard()) -> Setup:
         ti = cfg.textual_inversion
         self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
         self.token, self.num_vectors = ti.token, ti.vectors
@@ -78,7 +99,7 @@ class TextualInversion:
         log.info("textual inversion: %d image(s) at %dpx, token %s x%d vector(s) initialised from %r%s",
                  n, resolution, ti.token, ti.vectors, ti.init_token,
                  " in both SDXL text encoders" if components.is_sdxl else "")
-        return [e.new for e in self.embeddings]
+        return Setup([{"params": [e.new for e in self.embeddings]}])
 
     # -- per step --------------------------------------------------------------------------------
     def _ids(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -130,3 +151,8 @@ class TextualInversion:
 
     def prompt(self, text: str) -> str:
         return expand_prompt(text, {self.token: self.num_vectors})
+
+
+SPEC = MethodSpec(name="textual-inversion", section="textual_inversion", options=TextualInversionConfig,
+                  make=TextualInversion, help="learn new token embeddings (model frozen)", lr=5e-4, flip_p=0.5,
+                  checks=_checks)

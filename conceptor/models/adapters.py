@@ -1,9 +1,11 @@
 """Which weights train: whole modules in fp32, or PEFT LoRA adapters on their attention projections.
 
-Shared by every method that changes the model itself (DreamBooth, fine-tuning), with the state-dict
-plumbing a checkpoint needs for either.
+Shared by every method that changes the model itself (DreamBooth, fine-tuning): the one place adapters
+are added (``add_adapters``), checkpointed (``trained_state``) and written (``save_adapters``).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -33,6 +35,33 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: float | None, targets: l
     for p in params:  # adapters inherit the (maybe half) dtype of the frozen base; masters stay fp32
         p.data = p.data.float()
     return params
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights(FOLDER) looks for
+
+
+def add_adapters(modules: dict[str, torch.nn.Module], lora, text_lr: float | None, seed: int) -> list[dict]:
+    """LoRA param groups for ``{"unet": m, "text_encoder": m, ...}`` as the run's ``lora`` section says: the
+    UNet on its target set, text encoders on their attention projections, each seeded apart (seed, seed+1+k)."""
+    groups = []
+    for k, (name, module) in enumerate(modules.items()):
+        if name == "unet":
+            groups.append({"params": add_lora(module, lora.rank, lora.alpha, UNET_LORA_TARGETS[lora.targets], seed)})
+        else:
+            group = {"params": add_lora(module, lora.rank, lora.alpha, TEXT_LORA_TARGETS, seed + k)}
+            groups.append({**group, "lr": text_lr} if text_lr else group)
+    return groups
+
+
+def save_adapters(modules: dict[str, torch.nn.Module], folder: Path, step: int, final: bool) -> list[Path]:
+    """The trained LoRA of every module in one diffusers-layout file (``-steps-N`` for a snapshot)."""
+    from ..formats.lora import lora_from_peft, write_lora
+
+    lora = {}
+    for name, m in modules.items():
+        lora.update(lora_from_peft(m, name))
+    name = LORA_FILE if final else LORA_FILE.replace(".safetensors", f"-steps-{step}.safetensors")
+    return [write_lora(lora, Path(folder) / name, "diffusers")]
 
 
 def train_whole(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -5,6 +5,7 @@ Everything downstream (methods, sampling, eval) sees one typed ``Components`` ob
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -13,7 +14,11 @@ from typing import Any
 
 import torch
 
+from ..config import ModelConfig
 from ..errors import ConceptorError
+from ..toyworld import MODEL_FOLDER  # paths only: the package imports nothing
+
+log = logging.getLogger("conceptor")
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 # Hub repos whose configs (and tokenizer) describe each family's single-file checkpoints.
@@ -230,3 +235,40 @@ def _assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict, source
     return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
                       scheduler_config=scheduler_config, family=family, prediction_type=prediction_type,
                       source=source, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
+
+
+def bundled_model_path() -> Path | None:
+    """The small pretrained toy-world model shipped in the package, if this install has it."""
+    return MODEL_FOLDER if (MODEL_FOLDER / "model_index.json").is_file() else None
+
+
+def resolve_model(cfg: ModelConfig) -> Components:
+    """Load the configured model; with none given, the bundled toy model (and say so)."""
+    name = cfg.model
+    if name is None:
+        bundled = bundled_model_path()
+        if bundled is None:
+            raise ConceptorError("no --model given; pass a hub id (runwayml/stable-diffusion-v1-5), a diffusers "
+                                 "folder or a .safetensors checkpoint")
+        log.warning("no --model given: using the bundled toy model (%s); pass --model "
+                    "runwayml/stable-diffusion-v1-5 (or a folder/.safetensors) for a real one", bundled)
+        name = str(bundled)
+    components = load_components(name, model_config=cfg.model_config, family=cfg.family, revision=cfg.revision,
+                                 variant=cfg.variant)
+    if cfg.vae:
+        components.vae = load_vae(cfg.vae)
+    return components
+
+
+def load_vae(where: str):
+    """An AutoencoderKL from a folder (or its parent with vae/) or a hub id, replacing the model's own."""
+    from diffusers import AutoencoderKL
+
+    p = Path(where)
+    sub = "vae" if (p / "vae" / "config.json").is_file() else None
+    try:
+        # fp32 whatever the file holds: the loop casts to the run's precision itself
+        return AutoencoderKL.from_pretrained(where, subfolder=sub, local_files_only=p.exists(),
+                                             torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ConceptorError(f"could not load --vae {where}: {str(e).splitlines()[0]}") from None

@@ -10,7 +10,8 @@ import torch
 
 from ..config import ModelConfig
 from ..fileio import atomic_dir
-from .load import SAMPLING_FILE, Components
+from .load import SAMPLING_FILE, Components, resolve_model
+from .pipeline import build_pipeline
 
 PARTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 
@@ -23,24 +24,12 @@ def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trai
     folder never looks loadable. Frozen parts that ran in half precision are written from the untouched
     fp32 originals (reloaded), never from their rounded copies.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from ..sampling.pipeline import make_scheduler
-
     vae, te, te2 = c.vae, c.text_encoder, c.text_encoder_2
     if vae.dtype != torch.float32 or (not text_trained and te.dtype != torch.float32):
-        from ..api import resolve_model
-
         base = resolve_model(model_cfg)
         vae = base.vae
         te, te2 = (te, te2) if text_trained else (base.text_encoder, base.text_encoder_2)
-    if c.is_sdxl:
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=c.tokenizer,
-                                         tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=make_scheduler(c, "euler"))
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=c.tokenizer, unet=c.unet,
-                                       scheduler=make_scheduler(c, "ddim"), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    pipe = build_pipeline(c, "euler" if c.is_sdxl else "ddim", vae=vae, text_encoder=te, text_encoder_2=te2)
     folder = Path(folder)
     staged = folder / ".pipeline"
     with atomic_dir(staged) as tmp:

@@ -10,16 +10,8 @@ from PIL import Image
 
 from ..errors import ConceptorError
 from ..models.load import Components
+from ..models.pipeline import SCHEDULERS, build_pipeline, make_scheduler  # noqa: F401 (sampling's names)
 from ..models.text import warn_if_cut
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-}
-
 
 # torch generators take seeds up to 2**64 - 1 and image i uses seed + i: 2**63 - 1 leaves room for any count.
 MAX_SEED = 2**63 - 1
@@ -71,37 +63,6 @@ def check_vae_memory(vae, batch: int, height: int, width: int, what: str, part: 
         where = "this machine" if vae.device.type == "cpu" else str(vae.device)
         raise ConceptorError(f"{what} needs at least {need / 1e9:.1f} GB for the {part} alone; {where} has "
                              f"{free / 1e9:.1f} GB free")
-
-
-def make_scheduler(components: Components, name: str = "ddim"):
-    """A sampler configured from the model's own scheduler config (betas, prediction type, offsets)."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ConceptorError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls = getattr(diffusers, SCHEDULERS[name])
-    config = dict(components.scheduler_config)
-    # Latents are not bounded to [-1, 1]; clipping them wrecks samples (SD's configs set this False too).
-    config["clip_sample"] = False
-    return cls.from_config(config)
-
-
-def build_pipeline(components: Components, scheduler: str = "ddim"):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if components.is_sdxl:
-        pipe = StableDiffusionXLPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
-            scheduler=make_scheduler(components, scheduler))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=make_scheduler(components, scheduler), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fileio import atomic_dir
+from ..training import diffusion as D
 from . import world as W
 
 # The recipe of the bundled model. Keys added later default to "off" in pretrain(), so every recipe.json
@@ -152,9 +153,8 @@ def lr_at(step: int, recipe: dict) -> float:
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weight for epsilon prediction (Hang et al. 2023): min(SNR, gamma) / SNR."""
-    snr = alpha_bar / (1 - alpha_bar)
-    return snr.clamp(max=gamma) / snr
+    """training/diffusion.py's min-SNR weight (Hang et al. 2023), given alpha-bar rather than timesteps."""
+    return D.min_snr_weight(alpha_bar / (1 - alpha_bar), gamma, "epsilon")
 
 
 def train_vae(vae, pixels: torch.Tensor, recipe: dict, g: torch.Generator, say, save=None) -> None:
@@ -310,11 +310,10 @@ def pretrain(out: Path, recipe: dict, log_path: Path, save_every: int = 500, dea
         batch_ids = tokens(["" if d else t for d, t in zip(drop.tolist(), texts)]).to(device)
         noise = torch.randn(lat.shape, generator=g).to(device)
         t = torch.randint(0, 1000, (len(idx),), generator=g).to(device)
-        a = acp[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+        noisy = D.add_noise(lat, noise, t, acp)  # the same maths as every method (training/diffusion.py)
         pred = unet(noisy, t, text_encoder(batch_ids)[0]).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))
-        weight = min_snr_weight(acp[t], gamma) if gamma else torch.ones_like(per_sample)
+        weight = D.min_snr_weight(D.snr(t, acp), gamma, "epsilon") if gamma else torch.ones_like(per_sample)
         loss = (weight * per_sample).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -34,12 +34,19 @@ class Shard:
         return per_sample.sum() * (self.world / n)
 
 
+@dataclass
+class Setup:
+    """What a method's setup hands the loop."""
+
+    groups: list[dict]  # optimizer param groups: {"params": [fp32 parameters], optionally "lr": ...}
+    steps: int | None = None  # a method that counts in epochs (fine-tuning's --epochs) says how many steps
+
+
 class Method(Protocol):
     name: str
 
-    def setup(self, components: Components, cfg: RunConfig, device: torch.device,
-              shard: Shard = Shard()) -> list[torch.nn.Parameter]:
-        """Switch on what trains, cache what can be cached; return the trainable parameters (fp32)."""
+    def setup(self, components: Components, cfg: RunConfig, device: torch.device, shard: Shard = Shard()) -> Setup:
+        """Switch on what trains, cache what can be cached; this process trains rows ``shard`` of each batch."""
 
     def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
         """Loss of this process's rows of micro-batch ``micro_index``; all randomness comes from ``generator``."""
@@ -51,6 +58,3 @@ class Method(Protocol):
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
         """Write user-facing outputs (final=True) or a step snapshot beside the checkpoints."""
-
-    def prompt(self, text: str) -> str:
-        """Rewrite a user prompt for the trained model (e.g. expand multi-vector tokens)."""
