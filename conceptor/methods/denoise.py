@@ -12,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..errors import ConceptorError
 from ..models.load import Components
+from ..models.vae import switched_to_fp32
 from ..sampling.pipeline import check_vae_memory
 from ..training import diffusion as D
 
@@ -26,15 +26,10 @@ def encode_posterior(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     NaN loss, black images) is switched to fp32 for the rest of the run, with a message, never silently."""
     dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
     mean, std = dist.mean.float(), dist.std.float()
-    if torch.isfinite(mean).all() and torch.isfinite(std).all():
-        return mean, std
-    if vae.dtype == torch.float32:
-        raise ConceptorError("the VAE returns NaN/inf latents even in fp32; an input image or the VAE weights "
-                             "are broken")
-    log.warning("the VAE overflowed in %s; running it in fp32 from now on (or pass an fp16-fixed VAE)",
-                str(vae.dtype).replace("torch.", ""))
-    vae.to(torch.float32)
-    return encode_posterior(vae, x)
+    if switched_to_fp32(vae, [mean, std], "", "the VAE returns NaN/inf latents even in fp32; an input image or "
+                        "the VAE weights are broken"):
+        return encode_posterior(vae, x)
+    return mean, std
 
 
 @torch.no_grad()
@@ -109,7 +104,7 @@ def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.
         added_cond = {k: v.to(dtype) for k, v in added_cond.items()}
     pred = c.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added_cond).sample
     target = D.target_for(c.prediction_type, latents, noise, t, acp)
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    per_sample = D.mse_per_sample(pred, target)
     if train.snr_gamma:
         per_sample = per_sample * D.min_snr_weight(D.snr(t, acp), train.snr_gamma, c.prediction_type)
     return per_sample

@@ -16,11 +16,11 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConceptorError
+from ..formats.ldm_checkpoint import FAMILIES  # the one table of families
 from ..toyworld import MODEL_FOLDER  # paths only: the package imports nothing
 
 log = logging.getLogger("conceptor")
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 # Hub repos whose configs (and tokenizer) describe each family's single-file checkpoints.
 FAMILY_CONFIG_REPOS = {
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -47,7 +47,6 @@ class Components:
     family: str  # "sd1" | "sd2"
     prediction_type: str  # "epsilon" | "v_prediction", read from the model's scheduler config
     source: str
-    extra: dict = field(default_factory=dict)
     tokenizer_2: Any = None  # SDXL: the OpenCLIP-bigG tokenizer and text encoder (with projection: pooled)
     text_encoder_2: torch.nn.Module | None = None
     sampling: dict = field(default_factory=dict)  # the folder's SAMPLING_FILE, if it has one

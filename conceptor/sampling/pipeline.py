@@ -12,6 +12,7 @@ from ..errors import ConceptorError
 from ..models.load import Components
 from ..models.pipeline import SCHEDULERS, build_pipeline, make_scheduler  # noqa: F401 (sampling's names)
 from ..models.text import warn_if_cut
+from ..models.vae import switched_to_fp32
 
 # torch generators take seeds up to 2**64 - 1 and image i uses seed + i: 2**63 - 1 leaves room for any count.
 MAX_SEED = 2**63 - 1
@@ -109,19 +110,11 @@ def sample(components: Components, prompts: list[str], seeds: list[int], *, nega
 def decode(components: Components, pipe, latents: torch.Tensor) -> list[Image.Image]:
     """Latents -> PIL images. A half-precision VAE that overflows (SDXL's in fp16) would give black images
     silently; here it is noticed, the VAE is switched to fp32 with a warning, and the batch decoded again."""
-    import logging
-
     vae = components.vae
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     x = latents / vae.config.scaling_factor + shift
     image = vae.decode(x.to(vae.dtype)).sample
-    if not torch.isfinite(image).all():
-        if vae.dtype == torch.float32:
-            raise ConceptorError("the VAE decoded NaN/inf even in fp32: the sampled latents diverged; try fewer "
-                                 "--guidance or another --scheduler")
-        logging.getLogger("conceptor").warning(
-            "the VAE overflowed in %s while decoding; running it in fp32 from now on (or pass an fp16-fixed VAE)",
-            str(vae.dtype).replace("torch.", ""))
-        vae.to(torch.float32)
+    if switched_to_fp32(vae, [image], " while decoding", "the VAE decoded NaN/inf even in fp32: the sampled "
+                        "latents diverged; try fewer --guidance or another --scheduler"):
         image = vae.decode(x.float()).sample
     return pipe.image_processor.postprocess(image.float(), output_type="pil")

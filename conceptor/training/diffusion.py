@@ -57,9 +57,14 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
     return noise + strength * shift.to(noise.device, noise.dtype)
 
 
+def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each sample, in fp32 (the simple loss of Ho et al. 2020, eq. 14)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error per sample, optionally weighted, averaged over the batch (in fp32)."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    per_sample = mse_per_sample(pred, target)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device)
     return per_sample.mean()
