@@ -6,9 +6,9 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
 __all__ = ["train", "load", "generate", "convert_embedding", "ConceptorError", "__version__"]
 
+from ._version import __version__
 from .errors import ConceptorError
 
 

@@ -75,6 +75,11 @@ class Model:
         self.components = components
         self.tokens: dict[str, int] = {}
 
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale generate uses when given none: the model's own (7.5, or its conceptor.json's)."""
+        return self.components.default_guidance
+
     def add_embedding(self, path: str | Path, token: str | None = None) -> str:
         """Load a textual-inversion file (diffusers, A1111 or kohya format); returns its token."""
         from .formats.embeddings import read_embedding
@@ -179,9 +184,26 @@ def check_image_output(output: str | Path, names: list[str], overwrite: bool = F
                              "another --output or pass --overwrite to replace those files")
 
 
+def generation_text(settings: dict, i: int, size: tuple[int, int]) -> str:
+    """Image ``i``'s settings in A1111's "parameters" layout (formats/png_info.py): names, never paths."""
+    from ._version import __version__
+    from .formats.png_info import SAMPLER_LABELS, format_parameters
+
+    def names(key: str) -> str | None:
+        return ", ".join(Path(str(x)).name for x in settings.get(key) or settings.get(key + "s") or []) or None
+
+    model = settings.get("model")
+    return format_parameters(settings["prompt"], settings.get("negative_prompt"), {
+        "Steps": settings.get("steps"), "Sampler": SAMPLER_LABELS.get(settings.get("scheduler") or "ddim"),
+        "CFG scale": settings.get("guidance"), "Seed": (settings.get("seed") or 0) + i, "Size": f"{size[0]}x{size[1]}",
+        "Model": Path(str(model)).name if model else "conceptor-toyworld", "Conceptor LoRAs": names("lora"),
+        "Conceptor embeddings": names("embedding"), "Version": f"conceptor {__version__}"})
+
+
 def save_images(images: list[Image.Image], output: Path, settings: dict, overwrite: bool = False) -> list[Path]:
-    """Write ``NNN-seedS.png`` per image, ``grid.png`` and ``generation.json`` (refusing to replace files
-    that are there unless ``overwrite``)."""
+    """Write ``NNN-seedS.png`` per image (its settings inside, as A1111 writes them), ``grid.png`` and
+    ``generation.json``, refusing to replace files that are there unless ``overwrite``."""
+    from .formats.png_info import png_info
     from .sampling.grid import make_grid
 
     names = image_names(len(images), settings.get("seed"))
@@ -190,7 +212,7 @@ def save_images(images: list[Image.Image], output: Path, settings: dict, overwri
     for i, im in enumerate(images):
         path = Path(output) / names[i]
         with atomic_path(path) as tmp:
-            im.save(tmp, format="PNG")
+            im.save(tmp, format="PNG", pnginfo=png_info(generation_text(settings, i, im.size)))
         paths.append(path)
     if len(images) > 1:
         cols = min(len(images), 4)

@@ -116,6 +116,8 @@ def test_every_generate_flag_reaches_the_api(action, monkeypatch, tmp_path):
     calls = []
 
     class Loaded:
+        default_guidance = 7.5
+
         def generate(self, prompt, **kw):
             calls.append(("generate", prompt, kw))
             return []

@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "conceptor"
 # conceptor.methods' is the registry (names -> module paths, imported by name when a method is asked for),
 # so config can resolve a method name.
 LAYERS = [
-    ["conceptor.errors", "conceptor.fileio", "conceptor.compat", "conceptor.config_checks", "conceptor.toyworld"],
+    ["conceptor._version", "conceptor.errors", "conceptor.fileio", "conceptor.compat", "conceptor.config_checks",
+     "conceptor.toyworld"],
     ["conceptor.config", "conceptor.methods"],
     ["conceptor.formats", "conceptor.data"],
     ["conceptor.models"],

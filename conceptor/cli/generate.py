@@ -41,6 +41,8 @@ def run(args) -> None:
     api.check_image_output(args.output, api.image_names(args.num_images, args.seed), args.overwrite)
     model = api.load(args.model, args.embedding, model_config=args.model_config, family=args.family,
                      loras=args.lora, vae=args.vae)
+    # The model's own default when not given, resolved here so the PNGs and generation.json say what was used.
+    args.guidance = args.guidance if args.guidance is not None else model.default_guidance
     with tqdm(total=args.num_images, desc="generating", unit="img") as bar:
         images = model.generate(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
                                 steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
