@@ -20,6 +20,7 @@ from .api import bundled_model_path
 from .config import build_config
 from .errors import ConceptorError
 from .fileio import atomic_path, write_text
+from .training.manifest import MANIFEST, Manifest
 
 log = logging.getLogger("conceptor")
 TOKEN = "<concept>"
@@ -37,13 +38,20 @@ def _tiny_concept(folder: Path, n: int = 5) -> Path:
 
 
 def _prepare(output: str | Path, overwrite: bool) -> Path:
+    """The demo folder, emptied of an earlier demo's own files (its manifest's, and its run's), never of
+    anything else: a folder without conceptor's list of what it wrote is refused, not deleted."""
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConceptorError(f"{out} already holds a demo; pass --overwrite or another --output")
-        if not (out / "report.json").exists() and not (out / "run").exists():
-            raise ConceptorError(f"{out} is not a conceptor demo folder; refusing to delete it")
-        shutil.rmtree(out)
+        manifest = Manifest.read(out)
+        if manifest is None:
+            raise ConceptorError(f"{out} is not a demo folder conceptor listed (no {MANIFEST}); refusing to delete "
+                                 "anything in it: choose another --output")
+        run = Manifest.read(out / "run")
+        if run is not None:
+            run.remove_all()
+        manifest.remove_all()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -67,7 +75,7 @@ def run_demo(output: str | Path, steps: int | None = None, overwrite: bool = Fal
         from .toyworld.concept import FOLDER
 
         images = out / "concept"  # a copy, so the report folder is self-contained
-        shutil.copytree(FOLDER, images)
+        shutil.copytree(FOLDER, images, dirs_exist_ok=True)
         from .toyworld.concept import TEMPLATES
 
         steps = steps or 300
@@ -135,6 +143,9 @@ def run_demo(output: str | Path, steps: int | None = None, overwrite: bool = Fal
               **{k: v for k, v in summary.items() if k.startswith(("concept_", "similarity_", "editability_"))}}
     write_text(out / "report.json", json.dumps(report, indent=2))
     write_text(out / "report.html", _html(report, result.output, toy))
+    # What the demo wrote beside its run (which keeps its own list), so --overwrite removes exactly that.
+    Manifest(out).add(*(out / name for name in ("concept", "tiny-model", "before.png", "after.png", "edits.png",
+                                                "report.json", "report.html")))
     return report
 
 

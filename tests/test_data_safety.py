@@ -290,3 +290,23 @@ def test_a_real_full_disk(tmp_path):
             assert sorted(p.name for p in mnt.iterdir()) == ["kept.txt"]  # no partial file, earlier one intact
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)  # lazy: a writer may hold a handle
+
+
+def test_demo_overwrite_removes_only_the_demos_files(cli, tmp_path):
+    """`conceptor demo --overwrite` once deleted the whole folder if it held a "run" or report.json; now it
+    removes what the earlier demo listed and refuses a folder it did not write."""
+    photos = tmp_path / "photos"
+    (photos / "run").mkdir(parents=True)
+    (photos / "run" / "holiday.jpg").write_bytes(b"jpeg")
+    code, _, err = cli("demo", "--output", photos, "--overwrite", "--steps", "2")
+    one_error(code, err, "refusing to delete")
+    assert (photos / "run" / "holiday.jpg").read_bytes() == b"jpeg"
+    out = tmp_path / "demo"
+    code, _, err = cli("demo", "--output", out, "--steps", "2")
+    assert code == 0, err
+    (out / "mine.txt").write_text("keep")
+    (out / "concept" / "note.txt").write_text("keep too")
+    code, _, err = cli("demo", "--output", out, "--overwrite", "--steps", "2")
+    assert code == 0, err
+    assert (out / "mine.txt").read_text() == "keep" and (out / "concept" / "note.txt").read_text() == "keep too"
+    assert json.loads((out / "report.json").read_text())["summary"]["steps"] == 2
