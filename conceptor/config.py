@@ -315,7 +315,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_saved(path: str | Path) -> dict[str, Any]:
-    """Read a saved ``config.yaml`` back (for resume checks)."""
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    """Read a run's saved ``config.yaml`` back; an unreadable or non-mapping file is one line, not a traceback."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as e:  # unreadable, not UTF-8, not YAML
+        raise ConceptorError(f"{path} is damaged ({type(e).__name__}); conceptor cannot use that run") from None
+    if not isinstance(data, dict):
+        raise ConceptorError(f"{path} is damaged (not a mapping of sections); conceptor cannot use that run")
+    return data
 
 

@@ -7,8 +7,6 @@ import random
 import re
 from pathlib import Path
 
-import yaml
-
 from ..config import build_config, config_from_saved
 from ..errors import ConceptorError
 from ..fileio import atomic_path, write_text
@@ -75,11 +73,8 @@ def _saved_config(run: Path) -> dict:
     path = run / "config.yaml"
     if not path.is_file():
         raise ConceptorError(f"{run} is not a run folder (no config.yaml)")
-    try:
-        raw = config_from_saved(path)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        raise ConceptorError(f"{path} is damaged ({type(e).__name__}); it cannot be evaluated") from None
-    method = raw.get("method") if isinstance(raw, dict) else None
+    raw = config_from_saved(path)
+    method = raw.get("method")
     if method not in REGISTRY:
         raise ConceptorError(f"conceptor eval measures textual-inversion, dreambooth and finetune runs; {path} "
                              f"names method {method!r}")

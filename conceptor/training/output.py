@@ -8,8 +8,6 @@ import logging
 import os
 from pathlib import Path
 
-import yaml
-
 from ..config import RunConfig, config_from_saved
 from ..errors import ConceptorError
 from ..fileio import check_target
@@ -59,11 +57,7 @@ def _saved_method(saved: Path) -> str | None:
     """The method a run's config.yaml names; None when there is none; a damaged file is an error."""
     if not saved.is_file():
         return None
-    try:
-        prev = config_from_saved(saved)
-    except (OSError, ValueError, yaml.YAMLError) as e:  # unreadable, not UTF-8, not YAML
-        raise ConceptorError(f"{saved} is damaged ({type(e).__name__}); choose another --output") from None
-    method = prev.get("method") if isinstance(prev, dict) else None
+    method = config_from_saved(saved).get("method")
     if not isinstance(method, str):
         raise ConceptorError(f"{saved} is damaged (no method in it); choose another --output")
     return method
@@ -101,7 +95,7 @@ def make_output(cfg: RunConfig, action: str) -> tuple[Path, Manifest]:
 
 
 def remove_if_unused(out: Path) -> None:
-    manifest = Manifest.read(out) if (out / MANIFEST).is_file() else None
+    manifest = Manifest.read(out)
     if manifest is not None and not manifest.files and {p.name for p in out.iterdir()} == {MANIFEST}:
         (out / MANIFEST).unlink()
     if out.is_dir() and not any(out.iterdir()):
