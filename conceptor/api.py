@@ -196,8 +196,14 @@ def generation_text(settings: dict, i: int, size: tuple[int, int]) -> str:
     return format_parameters(settings["prompt"], settings.get("negative_prompt"), {
         "Steps": settings.get("steps"), "Sampler": SAMPLER_LABELS.get(settings.get("scheduler") or "ddim"),
         "CFG scale": settings.get("guidance"), "Seed": (settings.get("seed") or 0) + i, "Size": f"{size[0]}x{size[1]}",
-        "Model": Path(str(model)).name if model else "conceptor-toyworld", "Conceptor LoRAs": names("lora"),
+        "Model": Path(str(model)).name if model and not _is_bundled(model) else "conceptor-toyworld",
+        "Conceptor LoRAs": names("lora"),
         "Conceptor embeddings": names("embedding"), "Version": f"conceptor {__version__}"})
+
+
+def _is_bundled(model) -> bool:
+    bundled = bundled_model_path()
+    return bundled is not None and Path(str(model)).resolve() == bundled.resolve()
 
 
 def save_images(images: list[Image.Image], output: Path, settings: dict, overwrite: bool = False) -> list[Path]:

@@ -23,7 +23,7 @@ LAYERS = [
     ["conceptor.training"],
     ["conceptor.api"],
     ["conceptor.eval", "conceptor.toyworld.*", "conceptor.demo"],  # applications of the api
-    ["conceptor", "conceptor.cli", "conceptor.__main__"],  # the package's face: conceptor.train etc. are api's
+    ["conceptor", "conceptor.cli", "conceptor.__main__", "conceptor.ui"],  # the face: api re-exports, CLI, page
 ]
 
 
