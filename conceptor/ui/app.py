@@ -41,13 +41,13 @@ def build(page: Page):
                 with gr.Row():
                     sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="sampler", elem_id="sampler")
                     steps = gr.Slider(1, 150, value=30, step=1, label="steps", elem_id="steps")
-                    guidance = gr.Number(None, label="guidance (empty: the model's)", elem_id="guidance")
+                    guidance = gr.Number(None, label="guidance (0: the model's)", elem_id="guidance")
                     seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
                 with gr.Row():
-                    width = gr.Number(None, precision=0, label="width (empty: the model's)", elem_id="width")
+                    width = gr.Number(None, precision=0, label="width (0: the model's)", elem_id="width")
                     height = gr.Number(None, precision=0, label="height", elem_id="height")
                     count = gr.Slider(1, 16, value=1, step=1, label="images", elem_id="count")
-                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 gallery = gr.Gallery(label="images", elem_id="gallery", columns=4, height="auto")
                 gen_info = gr.Textbox(label="settings (written into each PNG, A1111 'parameters')", lines=3,
                                       elem_id="gen-info", interactive=False)
@@ -70,23 +70,23 @@ def build(page: Page):
                                               elem_id="class-prompt")
                 with gr.Row():
                     train_steps = gr.Number(500, precision=0, label="steps", elem_id="train-steps")
-                    lr = gr.Number(None, label="learning rate (empty: the method's)", elem_id="lr")
-                    resolution = gr.Number(None, precision=0, label="resolution (empty: the model's)",
+                    lr = gr.Number(None, label="learning rate (0: the method's)", elem_id="lr")
+                    resolution = gr.Number(None, precision=0, label="resolution (0: the model's)",
                                            elem_id="resolution")
                     lora = gr.Checkbox(False, label="LoRA", elem_id="lora")
                     rank = gr.Number(4, precision=0, label="LoRA rank", elem_id="rank")
                 with gr.Accordion("advanced", open=False):
                     with gr.Row():
                         vectors = gr.Number(1, precision=0, label="vectors per token", elem_id="vectors")
-                        batch = gr.Number(None, precision=0, label="batch size", elem_id="batch-size")
+                        batch = gr.Number(None, precision=0, label="batch size (0: the method's)", elem_id="batch-size")
                         train_seed = gr.Number(0, precision=0, label="seed", elem_id="train-seed")
                         precision = gr.Dropdown(["no", "fp16", "bf16"], value="no", label="mixed precision",
                                                 elem_id="mixed-precision")
                     with gr.Row():
                         validation = gr.Textbox(label="validation prompt", elem_id="validation-prompt")
-                        validation_every = gr.Number(None, precision=0, label="grid every N steps",
+                        validation_every = gr.Number(None, precision=0, label="grid every N steps (0: 4 per run)",
                                                      elem_id="validation-every")
-                        checkpoint_every = gr.Number(None, precision=0, label="checkpoint every N steps",
+                        checkpoint_every = gr.Number(None, precision=0, label="checkpoint every N steps (0: 5 per run)",
                                                      elem_id="checkpoint-every")
                         name = gr.Textbox(label="run name", elem_id="run-name")
                 start = gr.Button("Start training", variant="primary", elem_id="start")

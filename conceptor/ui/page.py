@@ -64,7 +64,7 @@ class Page:
         try:
             req = Request(model=model or "", prompt=prompt or "", negative_prompt=negative or "",
                           scheduler=sampler or "ddim", steps=_int(steps, "steps"), guidance=_num(guidance),
-                          seed=_int(seed, "seed"), width=_int(width), height=_int(height),
+                          seed=_int(seed, "seed"), width=_int(width, "width"), height=_int(height, "height"),
                           num_images=_int(count, "images"))
             paths, info = self.generator.generate(req)
         except (ConceptorError, OSError) as e:
@@ -255,13 +255,14 @@ def _upload_paths(uploads) -> list[str]:
 
 
 def _num(value) -> float | None:
-    if value is None or value == "":
+    """A number box's value; empty or 0 means "the default" (Gradio shows an empty number box as 0)."""
+    if value is None or value == "" or float(value) == 0:
         return None
     return float(value)
 
 
 def _int(value, what: str = "value") -> int | None:
-    if value is None or value == "":
+    if value is None or value == "" or (what not in ("seed", "steps", "images") and float(value) == 0):
         return None
     f = float(value)
     if f != int(f):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from ..cli import main as cli_main
     from ..fileio import write_text
     from .jobs import CONFIG_FILE, JOB_FILE, LOG_FILE, RESULT_FILE
 
@@ -19,7 +18,13 @@ def main(argv: list[str]) -> int:
     if job.get("resume"):
         args += ["--resume", "latest"]
     print(f"conceptor {' '.join(args)}", flush=True)
-    rc = cli_main(args)
+    try:
+        from ..cli import main as cli_main  # torch and diffusers load here: a cancel may arrive meanwhile
+
+        rc = cli_main(args)
+    except KeyboardInterrupt:  # cancelled before training began (the CLI reports later interrupts itself)
+        print("interrupted before training started", file=sys.stderr)
+        rc = 130
     sys.stdout.flush()
     sys.stderr.flush()
     error = None
