@@ -162,6 +162,8 @@ def test_the_page_from_first_image_to_a_trained_concept(browser, tmp_path):
         page.wait_for_selector("#grids img", timeout=30_000)
         assert job_status(page) == ("done", 1.0)
         assert page.locator("#grids img").count() >= 2  # step 0, 3 and the last
+        assert page.locator("#loss img").count() == 1  # the loss curve
+        assert page.locator(f'#queue tr[data-job="{job1}"]').get_attribute("data-status") == "done"
         shot(page, "04-trained")
         state = json.loads((runs / job1 / "job.json").read_text())
         assert state["status"] == "done" and (runs / job1 / "output" / "learned_embeds.safetensors").is_file()
@@ -210,7 +212,7 @@ def test_the_page_from_first_image_to_a_trained_concept(browser, tmp_path):
         page.locator("#run-refresh").click()
         page.locator("#run input").click()
         page.get_by_role("option", name=job1).click()
-        page.wait_for_function("document.querySelector('#run-config')?.textContent.includes('textual-inversion')",
+        page.wait_for_function("document.querySelector('#run-config textarea')?.value.includes('textual-inversion')",
                                timeout=30_000)
         page.locator("#convert").click()
         page.wait_for_function("document.querySelector('#run-msg textarea').value.startsWith('wrote')",

@@ -2,7 +2,9 @@
 
 Event handlers are thin: they call ``Page`` (ui/page.py), which calls the api and the job queue, and show a
 ``ConceptorError`` as one line in the tab's status box. Element ids (``#prompt``, ``#start`` ...) are the
-contract the browser tests drive.
+contract the browser tests drive. The page uses few component kinds (numbers, not sliders; the loss curve
+as an image; tables as HTML): Gradio loads the scripts of every kind in the page before it shows anything,
+so each kind costs the first view time (benchmarks/ui_speed.py).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ CSS = """
 #embeddings .gallery-item, #loras .gallery-item {font-family: monospace}
 #job-progress .bar {height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden}
 #job-progress .bar > div {height: 100%; background: #2563eb}
+#queue table {width: 100%; border-collapse: collapse} #queue td, #queue th {padding: 2px 8px; text-align: left}
+#run-config textarea, #eval-out textarea, #gen-info textarea {font-family: monospace}
 """
 
 
@@ -23,7 +27,6 @@ def build(page: Page):
 
     models = page.model_choices()
     with gr.Blocks(title="conceptor") as demo:
-        gr.Markdown("## conceptor: teach a model a concept, then use it")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
@@ -40,13 +43,13 @@ def build(page: Page):
                                        label="LoRAs (click to insert)", elem_id="loras", samples_per_page=40)
                 with gr.Row():
                     sampler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="sampler", elem_id="sampler")
-                    steps = gr.Slider(1, 150, value=30, step=1, label="steps", elem_id="steps")
+                    steps = gr.Number(30, precision=0, minimum=1, label="steps", elem_id="steps")
                     guidance = gr.Number(None, label="guidance (0: the model's)", elem_id="guidance")
                     seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
                 with gr.Row():
                     width = gr.Number(None, precision=0, label="width (0: the model's)", elem_id="width")
                     height = gr.Number(None, precision=0, label="height", elem_id="height")
-                    count = gr.Slider(1, 16, value=1, step=1, label="images", elem_id="count")
+                    count = gr.Number(1, precision=0, minimum=1, maximum=64, label="images", elem_id="count")
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 gallery = gr.Gallery(label="images", elem_id="gallery", columns=4, height="auto")
                 gen_info = gr.Textbox(label="settings (written into each PNG, A1111 'parameters')", lines=3,
@@ -91,14 +94,13 @@ def build(page: Page):
                         name = gr.Textbox(label="run name", elem_id="run-name")
                 start = gr.Button("Start training", variant="primary", elem_id="start")
                 train_msg = gr.Textbox(label="status", interactive=False, elem_id="train-msg")
-                queue = gr.Dataframe(page.queue_rows(), headers=list(page.QUEUE_HEADERS), interactive=False,
-                                     label="queue (one job per device; the rest wait in this order)", elem_id="queue")
+                queue = gr.HTML(page.queue_html(), label="queue", elem_id="queue")
                 with gr.Row():
                     job = gr.Dropdown(page.job_choices(), value=None, label="job", elem_id="job", scale=4)
                     cancel = gr.Button("Cancel job", variant="stop", elem_id="cancel", scale=1)
                 job_progress = gr.HTML(elem_id="job-progress")
                 with gr.Row():
-                    loss_plot = gr.LinePlot(x="step", y="loss", label="training loss", elem_id="loss", height=260)
+                    loss_plot = gr.Image(label="training loss", elem_id="loss", height=300, interactive=False)
                     grids = gr.Gallery(label="validation grids", elem_id="grids", columns=2, height=300)
                 job_log = gr.Textbox(label="log (last line)", interactive=False, elem_id="job-log")
                 timer = gr.Timer(1.0)
@@ -107,11 +109,12 @@ def build(page: Page):
                 with gr.Row():
                     run = gr.Dropdown(page.run_choices(), value=None, label="run", elem_id="run", scale=4)
                     run_refresh = gr.Button("refresh", elem_id="run-refresh", scale=1)
-                run_summary = gr.Markdown(elem_id="run-summary")
-                run_config = gr.Code(language="yaml", label="config.yaml", elem_id="run-config", interactive=False)
+                run_summary = gr.Textbox(label="summary", interactive=False, elem_id="run-summary")
+                run_config = gr.Textbox(label="config.yaml", lines=12, max_lines=30, interactive=False,
+                                        elem_id="run-config")
                 with gr.Row():
                     evaluate = gr.Button("Evaluate (toy world)", elem_id="eval")
-                    eval_out = gr.JSON(label="conceptor eval", elem_id="eval-out")
+                    eval_out = gr.Textbox(label="conceptor eval", lines=6, interactive=False, elem_id="eval-out")
                 run_files = gr.File(label="files", file_count="multiple", interactive=False, elem_id="run-files")
                 with gr.Row():
                     convert_src = gr.Dropdown([], label="file to convert", elem_id="convert-file")
@@ -132,7 +135,8 @@ def build(page: Page):
         tokens.click(page.insert, [tokens, prompt], prompt, queue=False)
         loras.click(page.insert, [loras, prompt], prompt, queue=False)
         go.click(page.generate, [model, prompt, negative, sampler, steps, guidance, seed, width, height, count],
-                 [gallery, gen_info], concurrency_limit=1, concurrency_id="model")
+                 [gallery, gen_info], concurrency_limit=1, concurrency_id="model", api_name="generate",
+                 show_progress="minimal")
 
         # -- Train -----------------------------------------------------------------------------------
         form = [method, train_model, folder, uploads, token, init_word, instance, class_prompt, train_steps, lr,
@@ -141,17 +145,22 @@ def build(page: Page):
         start.click(page.start, form, [train_msg, job, uploads], concurrency_limit=4)
         cancel.click(page.cancel, job, train_msg, queue=False)
 
-        def watch(selected):
-            rows, choices = page.queue_rows(), page.job_choices()
+        seen = gr.State({})  # what this browser shows now: only what changed is sent (a redraw costs CPU)
+
+        def watch(selected, shown_before):
+            rows, choices = page.queue_html(), page.job_choices()
             shown = selected if selected in choices else (choices[0] if choices else None)
             view = page.job_view(shown)
-            return (rows, gr.Dropdown(choices=choices, value=shown), view["html"], view["loss"], view["grids"],
-                    view["log"])
+            now = {"rows": rows, "choices": (choices, shown), "html": view["html"], "loss": view["loss"],
+                   "grids": view["grids"], "log": view["log"]}
+            same = {k: shown_before.get(k) == v for k, v in now.items()}
+            values = (rows, gr.Dropdown(choices=choices, value=shown), view["html"], view["loss"], view["grids"],
+                      view["log"])
+            return (*(gr.skip() if same[k] else v for k, v in zip(now, values)), now)
 
-        timer.tick(watch, job, [queue, job, job_progress, loss_plot, grids, job_log], queue=False,
-                   show_progress="hidden")
-        job.change(watch, job, [queue, job, job_progress, loss_plot, grids, job_log], queue=False,
-                   show_progress="hidden")
+        outputs = [queue, job, job_progress, loss_plot, grids, job_log, seen]
+        timer.tick(watch, [job, seen], outputs, queue=False, show_progress="hidden")
+        job.change(lambda selected: watch(selected, {}), job, outputs, queue=False, show_progress="hidden")
 
         # -- Runs ------------------------------------------------------------------------------------
         run_refresh.click(lambda: gr.Dropdown(choices=page.run_choices()), None, run, queue=False)

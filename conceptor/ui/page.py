@@ -120,18 +120,21 @@ class Page:
             return _error(e)
         return f"job {job.id}: {'cancelled' if job.status == 'cancelled' else 'stopping (checkpoints are kept)'}"
 
-    def queue_rows(self) -> list[list]:
+    def queue_html(self) -> str:
+        """The jobs in queue order as a table (status and step in data attributes for scripts and tests)."""
         rows = []
-        for i, job in enumerate(j for j in self.queue.jobs()):
+        for i, job in enumerate(self.queue.jobs()):
             p = progress(job)
             steps = f"{p['step']}/{p['steps']}" if p["steps"] else "-"
-            rows.append([i + 1, job.id, job.state.get("method"), job.status, steps, format_eta(p["eta_s"])])
-        return rows or [["", "", "", "no jobs yet", "", ""]]
+            cells = (i + 1, job.id, job.state.get("method"), job.status, steps, format_eta(p["eta_s"]))
+            rows.append(f'<tr data-job="{html.escape(job.id)}" data-status="{html.escape(job.status)}">' +
+                        "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        head = "".join(f"<th>{h}</th>" for h in self.QUEUE_HEADERS)
+        body = "".join(rows) or '<tr><td colspan="6">no jobs yet</td></tr>'
+        return f"<p>queue: one job per device, the rest wait in this order</p><table><tr>{head}</tr>{body}</table>"
 
     def job_view(self, job_id: str | None) -> dict:
-        import pandas as pd
-
-        empty = {"html": "", "loss": pd.DataFrame({"step": [], "loss": []}), "grids": [], "log": ""}
+        empty = {"html": "", "loss": None, "grids": [], "log": ""}
         if not job_id:
             return empty
         try:
@@ -145,10 +148,8 @@ class Page:
                f'<p id="job-status" data-status="{html.escape(job.status)}">{html.escape(job.id)}: '
                f'{html.escape(status)} - step {p["step"]}/{p["steps"] or "?"} ({pct}%), ETA {format_eta(p["eta_s"])}'
                "</p>")
-        rows = [r for r in p["rows"] if "loss" in r]
-        loss = pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows]})
         grids = [(str(s), s.stem) for s in p["samples"]]
-        return {"html": bar, "loss": loss, "grids": grids, "log": p["log"]}
+        return {"html": bar, "loss": _loss_curve(job, p["rows"]), "grids": grids, "log": p["log"]}
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -174,21 +175,23 @@ class Page:
         last = rows[-1] if rows else {}
         eval_line = ""
         if (run / "eval.json").is_file():
-            eval_line = f"\n\n`conceptor eval`: {(run / 'eval.json').read_text()[:400]}"
-        summary = (f"**{html.escape(label)}**: {last.get('step', 0)} steps logged, last loss "
-                   f"{last.get('loss', float('nan')):.4f}, {len(files)} file(s){eval_line}" if rows else
-                   f"**{html.escape(label)}**: no steps logged yet")
+            eval_line = f"; conceptor eval: {(run / 'eval.json').read_text()[:400]}"
+        summary = (f"{label}: {last.get('step', 0)} steps logged, last loss {last.get('loss', float('nan')):.4f}, "
+                   f"{len(files)} file(s){eval_line}" if rows else f"{label}: no steps logged yet")
         return {"summary": summary, "config": config, "files": [str(f) for f in files],
                 "convertible": [f"{kind}: {p.relative_to(run)}" for kind, p in _convertible(run)], "message": ""}
 
     def evaluate(self, label):
+        import json
+
         from ..eval.run import evaluate_run
 
         try:
             scores = evaluate_run(self._run(label or ""), n=8, steps=20)
         except (ConceptorError, OSError) as e:
-            return None, _error(e)
-        return scores, "evaluated; eval.json and eval-*.png written in the run folder"
+            return "", _error(e)
+        text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in scores.items())
+        return text, "evaluated; eval.json and eval-*.png written in the run folder"
 
     def convert(self, label, choice, to):
         from .. import api
@@ -213,6 +216,21 @@ class Page:
         except (ConceptorError, OSError) as e:
             return None, _error(e)
         return str(dst), f"wrote {dst.relative_to(run)}"
+
+
+def _loss_curve(job, rows: list[dict]) -> str | None:
+    """The job's loss curve as a PNG (training/metrics.plot_loss, as loss.png is drawn), redrawn only when
+    new rows arrived; None before the second row."""
+    from ..training.metrics import plot_loss
+
+    if len([r for r in rows if "loss" in r]) < 2:
+        return None
+    path = job.folder / f".loss-{len(rows)}.png"
+    if not path.is_file():
+        for old in job.folder.glob(".loss-*.png"):
+            old.unlink(missing_ok=True)
+        plot_loss(rows, path)
+    return str(path)
 
 
 def _run_files(run: Path) -> list[Path]:
