@@ -98,7 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     changes = diff(old, new)
     print("changes against the lock:" if changes else "no version changed", *changes, sep="\n")
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    import datetime
+    import platform
+
+    text = HEADER.format(python=platform.python_version(), date=datetime.date.today().isoformat())
+    text += "".join(f"{k}=={v}\n" for k, v in sorted(new.items()))
+    candidate = venv.parent / "constraints.txt"
+    candidate.write_text(text)
+    # The suite checks the lock against pyproject (tests/test_environment.py): it must check this candidate,
+    # or a dependency added to pyproject could never get into the lock through this tool.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CONCEPTOR_LOCK": str(candidate)}
     lint = _run([str(py), "-m", "ruff", "check", "."], env=env)
     tests = _run([str(py), "-m", "pytest", "-p", "no:cacheprovider", *args.pytest_args.split()], env=env,
                  capture_output=True)
@@ -107,11 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         failed = [ln for ln in tests.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
         print("lock unchanged; what broke with these versions:", *(failed or ["(lint)"]), sep="\n  ")
         return 1
-    import datetime
-    import platform
-
-    text = HEADER.format(python=platform.python_version(), date=datetime.date.today().isoformat())
-    text += "".join(f"{k}=={v}\n" for k, v in sorted(new.items()))
     tmp = LOCK.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, LOCK)
