@@ -73,3 +73,25 @@ def test_sigkill_then_resume_equals_uninterrupted(method, tiny_sd1, concept_imag
     a, b = _result(method, tmp_path / "clean"), _result(method, out)
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a), "resumed result differs from the uninterrupted run"
+
+
+def test_a_run_stopped_while_making_class_images_resumes(tiny_sd1, concept_images, tmp_path, cli, monkeypatch):
+    """Class images are written into the run folder during setup, before the first step: a run stopped there
+    (killed, or cancelled from the page) must leave a folder that --resume latest accepts as its own."""
+    from conceptor.methods import dreambooth
+
+    real = dreambooth.ensure_class_images
+
+    def stopped(components, folder, *args, **kwargs):
+        real(components, folder, args[0], 1, **kwargs)  # one image written, then the process is stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dreambooth, "ensure_class_images", stopped)
+    out = tmp_path / "run"
+    args = _args("lora", tiny_sd1, concept_images, out)
+    code, _, err = cli(*args)
+    assert code == 130 and (out / "class_images").is_dir() and not (out / "config.yaml").exists()
+    monkeypatch.setattr(dreambooth, "ensure_class_images", real)
+    code, _, err = cli(*args, "--resume", "latest")
+    assert code == 0, err
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and len(list((out / "class_images").iterdir())) == 3

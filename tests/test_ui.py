@@ -376,3 +376,32 @@ def test_ui_binds_locally_and_asks_for_the_login(tmp_path):
         clock.stopped.set()
         demo.close()
 
+
+
+def test_a_replaced_embedding_file_is_used_not_the_stale_token(tmp_path):
+    """Tokens cannot leave a tokenizer: when a token's file changes, the page reloads the model."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import conceptor
+    from conceptor.ui.page import Page
+
+    emb = tmp_path / "embeddings"
+    emb.mkdir()
+    hidden = conceptor.load(None).components.text_encoder.get_input_embeddings().embedding_dim
+    f = F.Folders(runs=tmp_path / "runs", embeddings=emb)
+    page = Page(f, Queue(f.runs, ["cpu"]))
+    shots = []
+    for seed in (1, 2):
+        vectors = torch.randn(1, hidden, generator=torch.Generator().manual_seed(seed)) * 2
+        save_file({"emb_params": vectors}, str(emb / "shiny.safetensors"))
+        os.utime(emb / "shiny.safetensors", ns=(seed * 10**18, seed * 10**18))  # a new mtime even within a tick
+        gallery, info = page.generate(F.BUNDLED, "a shiny object", "", "ddim", 4, None, 0, None, None, 1)
+        assert "Conceptor embeddings: shiny.safetensors" in info
+        fresh = conceptor.load(None, [f"{emb / 'shiny.safetensors'}:shiny"]).generate(
+            "a shiny object", steps=4, seed=0, guidance=page.generator._model.default_guidance)[0]
+        shots.append(np.asarray(Image.open(gallery[0][0]).convert("RGB")))
+        assert np.array_equal(shots[-1], np.asarray(fresh))
+    assert not np.array_equal(shots[0], shots[1])

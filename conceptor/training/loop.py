@@ -164,6 +164,10 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
         raise ConceptorError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     if cfg.optim.use_8bit_adam:  # before any model work: a missing dependency should cost nothing
         optim.bitsandbytes(device)
+    if action == "new" and accelerator.is_main_process:
+        # The manifest first: setup may write into the folder (DreamBooth's class images), and a run killed
+        # there must leave a folder that a retry or --resume recognises as its own.
+        make_output(cfg, action)
     components.frozen()
     for module in (*components.text_encoders, components.vae, components.unet):
         module.to(device, dtype=DTYPES[t.mixed_precision])  # frozen weights in low precision; trainables fp32

@@ -19,7 +19,7 @@ log = logging.getLogger("conceptor")
 
 EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")  # what A1111 reads from its embeddings folder
 LORA_EXTS = (".safetensors",)
-SINGLE_FILE_EXTS = (".safetensors", ".ckpt")
+SINGLE_FILE_EXTS = (".safetensors",)  # a .ckpt is a pickle: the loader refuses it, so it is not offered
 BUNDLED = "conceptor toy model (bundled)"
 RUN_DEPTH = 3  # runs are found this deep under --runs-dir (RUNS/job/output is two levels)
 
@@ -151,9 +151,7 @@ def list_models(f: Folders) -> dict[str, str]:
 
 def _is_checkpoint(p: Path) -> bool:
     """A whole-model single file (A1111's layout, a UNet under ``model.diffusion_model.``), not a LoRA or
-    VAE lying beside it. Only the safetensors header is read; a .ckpt (a pickle) is listed unopened."""
-    if p.suffix.lower() == ".ckpt":
-        return True
+    VAE lying beside it. Only the safetensors header is read."""
     try:
         with open(p, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")

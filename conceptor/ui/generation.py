@@ -64,6 +64,7 @@ class Generator:
         self.folders = folders
         self._key = None
         self._model = None
+        self._embedded: dict[str, tuple[Path, int]] = {}  # token -> the file (and its mtime) it was loaded from
         self._lock = threading.Lock()
 
     def resolve(self, req: Request) -> tuple[str, list[tuple[Path, float]], list[tuple[Path, str | None]], str]:
@@ -93,12 +94,18 @@ class Generator:
         check_sampling(steps=req.steps, guidance=req.guidance, width=req.width, height=req.height, batch_size=4,
                        scheduler=req.scheduler, num_images=req.num_images, seed=req.seed)
         model_path, loras, embeddings, prompt = self.resolve(req)
+        wanted = {token or _file_token(path): (path, path.stat().st_mtime_ns) for path, token in embeddings}
         with self._lock:
             model = self._load(model_path, loras)
-            for path, token in embeddings:
-                token = token or _file_token(path)
+            if any(self._embedded.get(t, w) != w for t, w in wanted.items()):
+                # A token now means another file (a newer run, a replaced file): tokens cannot be taken back
+                # out of a tokenizer, so start from a fresh copy of the model.
+                self._key = None
+                model = self._load(model_path, loras)
+            for token, (path, stamp) in wanted.items():
                 if token not in model.tokens:
                     model.add_embedding(path, token)
+                    self._embedded[token] = (path, stamp)
             guidance = req.guidance if req.guidance is not None else model.default_guidance
             images = model.generate(prompt, negative_prompt=req.negative_prompt or None, num_images=req.num_images,
                                     steps=req.steps, guidance=guidance, scheduler=req.scheduler, seed=req.seed,
@@ -117,7 +124,7 @@ class Generator:
 
         key = (model_path, tuple((str(p), w, p.stat().st_mtime_ns) for p, w in sorted(loras)))
         if self._key != key:
-            self._model, self._key = None, None  # free the old weights before loading new ones
+            self._model, self._key, self._embedded = None, None, {}  # free the old weights before loading new ones
             self._model = api.load(model_path, loras=[f"{p}:{w}" for p, w in loras])
             self._key = key
         return self._model

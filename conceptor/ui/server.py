@@ -84,7 +84,7 @@ def serve(folders: Folders, host: str = "127.0.0.1", port: int | None = 7860, au
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
-        pass
+        print("conceptor ui stopped; training jobs go on (start the page again to follow them)", flush=True)
     finally:
         clock.stopped.set()
         demo.close()
