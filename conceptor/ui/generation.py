@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,16 @@ from ..errors import ConceptorError
 from .folders import Folders, list_embeddings, list_loras, list_models
 
 LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^<>]*))?>")
+# Every torch call of the page runs on this one thread. Gradio runs handlers on whichever pool thread is
+# free, and on the CPU a model loaded on one thread and run from another generated 2.3x slower (4 toy
+# images x 30 steps: 2.0 s against 0.85 s, each thread's OpenMP team competing for the cores;
+# benchmarks/ui_speed.py). One thread keeps one team.
+_TORCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conceptor-torch")
+
+
+def on_torch_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run on the page's torch thread; its result (or exception) returned here."""
+    return _TORCH.submit(fn, *args, **kwargs).result()
 
 
 def split_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
@@ -88,6 +99,9 @@ class Generator:
 
     def generate(self, req: Request, progress=None) -> tuple[list[Path], str]:
         """The PNG paths written under RUNS/images/<time>/ and the first image's settings text."""
+        return on_torch_thread(self._generate, req, progress)
+
+    def _generate(self, req: Request, progress=None) -> tuple[list[Path], str]:
         from .. import api
         from ..sampling.pipeline import check_sampling
 

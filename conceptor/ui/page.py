@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import ConceptorError
 from . import folders as F
-from .generation import Generator, Request
+from .generation import Generator, Request, on_torch_thread
 from .jobs import ACTIVE, Queue, format_eta, progress
 from .training import TrainForm, check_uploads, copy_uploads, form_config
 
@@ -187,7 +187,7 @@ class Page:
         from ..eval.run import evaluate_run
 
         try:
-            scores = evaluate_run(self._run(label or ""), n=8, steps=20)
+            scores = on_torch_thread(evaluate_run, self._run(label or ""), n=8, steps=20)
         except (ConceptorError, OSError) as e:
             return "", _error(e)
         text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in scores.items())
@@ -212,7 +212,7 @@ class Page:
             elif kind == "lora":
                 api.convert_lora(src, dst, to=to)
             else:
-                _model_to_single_file(src, dst)
+                on_torch_thread(_model_to_single_file, src, dst)
         except (ConceptorError, OSError) as e:
             return None, _error(e)
         return str(dst), f"wrote {dst.relative_to(run)}"
