@@ -405,3 +405,14 @@ def test_a_replaced_embedding_file_is_used_not_the_stale_token(tmp_path):
         shots.append(np.asarray(Image.open(gallery[0][0]).convert("RGB")))
         assert np.array_equal(shots[-1], np.asarray(fresh))
     assert not np.array_equal(shots[0], shots[1])
+
+
+def test_number_boxes_refuse_what_is_not_a_number():
+    from conceptor.ui.page import _int, _num
+
+    assert _num(0) is None and _num("") is None and _num(2.5) == 2.5
+    assert _int(0, "width") is None and _int(0, "seed") == 0 and _int(None, "seed") is None and _int(7.0) == 7
+    for bad, why in [(float("nan"), "finite"), (float("inf"), "finite"), ("x", "must be a number"),
+                     (2.5, "whole number")]:
+        with pytest.raises(ConceptorError, match=why):
+            _int(bad, "steps")

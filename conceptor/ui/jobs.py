@@ -154,8 +154,8 @@ class Queue:
 
     def tick(self) -> list[Job]:
         """Bring every job's status up to date, then start queued jobs on free devices; returns the jobs."""
-        self._reap()
         with self._locked():
+            self._reap()
             jobs = self.jobs()
             for job in jobs:
                 self._refresh(job)

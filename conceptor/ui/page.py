@@ -63,9 +63,9 @@ class Page:
     def generate(self, model, prompt, negative, sampler, steps, guidance, seed, width, height, count):
         try:
             req = Request(model=model or "", prompt=prompt or "", negative_prompt=negative or "",
-                          scheduler=sampler or "ddim", steps=_int(steps, "steps"), guidance=_num(guidance),
-                          seed=_int(seed, "seed"), width=_int(width, "width"), height=_int(height, "height"),
-                          num_images=_int(count, "images"))
+                          scheduler=sampler or "ddim", steps=_or(_int(steps, "steps"), 30),
+                          guidance=_num(guidance, "guidance"), seed=_int(seed, "seed"), width=_int(width, "width"),
+                          height=_int(height, "height"), num_images=_or(_int(count, "images"), 1))
             paths, info = self.generator.generate(req)
         except (ConceptorError, OSError) as e:
             return [], _error(e)
@@ -81,7 +81,7 @@ class Page:
         try:
             form = TrainForm(method=method, model=model or "", folder=folder or "", token=token or "",
                              init_word=init_word or "", instance_prompt=instance or "", class_prompt=class_prompt or "",
-                             steps=_int(steps, "steps") or 0, lr=_num(lr), resolution=_int(resolution),
+                             steps=_int(steps, "steps") or 0, lr=_num(lr, "learning rate"), resolution=_int(resolution),
                              lora=bool(lora), rank=_int(rank, "LoRA rank") or 4, vectors=_int(vectors) or 1,
                              batch_size=_int(batch), validation_prompt=validation or "",
                              validation_every=_int(validation_every), checkpoint_every=_int(checkpoint_every),
@@ -272,17 +272,31 @@ def _upload_paths(uploads) -> list[str]:
     return [str(getattr(u, "name", u)) for u in items]
 
 
-def _num(value) -> float | None:
+def _num(value, what: str = "value") -> float | None:
     """A number box's value; empty or 0 means "the default" (Gradio shows an empty number box as 0)."""
-    if value is None or value == "" or float(value) == 0:
+    import math
+
+    if value is None or value == "":
         return None
-    return float(value)
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ConceptorError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(f):
+        raise ConceptorError(f"{what} must be a finite number, got {value}")
+    return None if f == 0 else f
+
+
+def _or(value, default):
+    """An empty box's default (a 0 typed in it stays 0, to be refused where 0 is wrong)."""
+    return default if value is None else value
 
 
 def _int(value, what: str = "value") -> int | None:
-    if value is None or value == "" or (what not in ("seed", "steps", "images") and float(value) == 0):
-        return None
-    f = float(value)
+    """A whole number; 0 means "the default", except for the seed, steps and image count, where it is 0."""
+    f = _num(value, what)
+    if f is None:
+        return 0 if what in ("seed", "steps", "images") and value not in (None, "") else None
     if f != int(f):
         raise ConceptorError(f"{what} must be a whole number, got {value}")
     return int(f)
