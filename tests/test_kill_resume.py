@@ -95,3 +95,14 @@ def test_a_run_stopped_while_making_class_images_resumes(tiny_sd1, concept_image
     code, _, err = cli(*args, "--resume", "latest")
     assert code == 0, err
     assert (out / "pytorch_lora_weights.safetensors").is_file() and len(list((out / "class_images").iterdir())) == 3
+
+
+def test_a_run_killed_while_writing_its_manifest_resumes(tiny_sd1, concept_images, tmp_path, cli):
+    """A SIGKILL inside the first atomic write leaves the manifest's temp file (and the lock) only."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".conceptor.lock").write_text('{"pid": 999999999}')
+    (out / "..conceptor-run.json.k1ll3d.tmp").write_text('{"form')  # atomic_path's f".{name}.XXXX.tmp"
+    code, _, err = cli(*_args("ti", tiny_sd1, concept_images, out), "--resume", "latest")
+    assert code == 0, err
+    assert (out / "learned_embeds.safetensors").is_file()

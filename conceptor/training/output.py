@@ -28,7 +28,7 @@ def check_output(cfg: RunConfig) -> str:
     out = Path(cfg.train.output)
     check_target(out, want_dir=True)
     _check_not_an_input(out, cfg)
-    if not (out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())):
+    if not (out.is_dir() and any(not _bookkeeping(p.name) for p in out.iterdir())):
         return "new"
     manifest = Manifest.read(out)
     saved = out / "config.yaml"
@@ -51,6 +51,12 @@ def check_output(cfg: RunConfig) -> str:
         raise ConceptorError(f"--output {out} {why}; refusing to delete anything in it: choose another folder")
     raise ConceptorError(f"--output {out} already holds files; pass --resume latest to continue that run, "
                          "--overwrite to replace it, or choose another --output")
+
+
+def _bookkeeping(name: str) -> bool:
+    """The lock, and a manifest write a kill cut short (fileio.atomic_path's temp file): a folder holding
+    only these is a run killed before it wrote anything, to be continued, not refused."""
+    return name == LOCK_NAME or (name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"))
 
 
 def _saved_method(saved: Path) -> str | None:
