@@ -58,6 +58,14 @@ def _raise_disk_full(e: BaseException, path: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def is_temp_of(name: str, target: str) -> bool:
+    """``name`` is the temp file ``atomic_path`` writes for ``target`` (left behind only by a kill)."""
+    return name.startswith(f".{target}.") and name.endswith(TEMP_SUFFIX)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
@@ -68,7 +76,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -128,11 +128,9 @@ def test_uploads_are_checked_like_the_cli_checks_images(upload_dir, tmp_path):
     with pytest.raises(ConceptorError, match="at most 2"):
         check_uploads(good, max_files=2)
     assert upload_root() == upload_dir.resolve()
-    weird = upload_dir / "../../a b;$(x).PNG"
     shutil.copy(TOY_IMAGES / "0.png", upload_dir / "a b;$(x).PNG")
     copy_uploads([upload_dir / "a b;$(x).PNG"], tmp_path / "dest")
     assert [p.name for p in (tmp_path / "dest").iterdir()] == ["a_b_x.png"]
-    assert not weird.exists() or weird.parent != tmp_path
 
 
 def test_form_config_for_each_method_refuses_what_cannot_run(tmp_path):
@@ -285,7 +283,9 @@ def test_a_killed_worker_is_resumed_and_its_stale_pid_is_not_trusted(tmp_path, f
         time.sleep(0.05)
     job = queue.get(a.id)
     assert job.status == "running" and job.state["attempts"] == 2 and job.state["resume"] is True
-    assert (a.folder / "started-2").exists() or _until(queue, a.id, ("running",))
+    while not (a.folder / "started-2").exists() and time.time() < end:  # the second attempt really runs
+        time.sleep(0.05)
+    assert (a.folder / "started-2").exists()
     queue.cancel(a.id)
     _until(queue, a.id, ("cancelled",))
 

@@ -13,12 +13,10 @@ import math
 
 import torch
 
+from .diffusion import _bcast
+
 SCHEMES = ("uniform", "logit_normal", "mode")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
-
-
-def _bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 def flow_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

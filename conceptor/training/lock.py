@@ -34,7 +34,7 @@ def _owner(path: Path) -> dict:
     return owner if isinstance(owner, dict) else {}
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +74,7 @@ def run_lock(folder: Path) -> Iterator[None]:
     pid, host = owner.get("pid"), owner.get("host")
     if isinstance(pid, int) and pid != me["pid"]:
         refusal = None
-        if host == me["host"] and _alive(pid):
+        if host == me["host"] and pid_alive(pid):
             refusal = f"{folder} is in use by another conceptor run (pid {pid}); wait for it or choose another " \
                       "--output"
         elif host not in (None, me["host"]):

@@ -164,10 +164,10 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
         raise ConceptorError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     if cfg.optim.use_8bit_adam:  # before any model work: a missing dependency should cost nothing
         optim.bitsandbytes(device)
-    if action == "new" and accelerator.is_main_process:
-        # The manifest first: setup may write into the folder (DreamBooth's class images), and a run killed
-        # there must leave a folder that a retry or --resume recognises as its own.
-        make_output(cfg, action)
+    # The manifest first: setup may write into the folder (DreamBooth's class images), and a run killed there
+    # must leave a folder that a retry or --resume recognises as its own. Only a replaced run's old files
+    # wait until setup is done (it may reuse them), as before.
+    early = make_output(cfg, action) if action != "replace" and accelerator.is_main_process else None
     components.frozen()
     for module in (*components.text_encoders, components.vae, components.unet):
         module.to(device, dtype=DTYPES[t.mixed_precision])  # frozen weights in low precision; trainables fp32
@@ -187,7 +187,10 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
     if any(p.dtype != torch.float32 for p in params):
         raise RuntimeError("trainable parameters must be fp32 (fp16 master weights break the grad scaler)")
     # Only the main process deletes an --overwrite'd run and keeps the manifest; the others use the folder.
-    output, manifest = make_output(cfg, action) if accelerator.is_main_process else (Path(t.output), None)
+    if not accelerator.is_main_process:
+        output, manifest = Path(t.output), None
+    else:
+        output, manifest = early or make_output(cfg, action)
     if manifest is not None and (output / "class_images").is_dir():
         manifest.add(output / "class_images")  # generated there by this run (or an earlier try of it)
     accelerator.wait_for_everyone()

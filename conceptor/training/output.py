@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import RunConfig, config_from_saved
 from ..errors import ConceptorError
-from ..fileio import check_target
+from ..fileio import check_target, is_temp_of
 from . import checkpoint as ckpt
 from .lock import LOCK_NAME
 from .manifest import MANIFEST, Manifest
@@ -56,7 +56,7 @@ def check_output(cfg: RunConfig) -> str:
 def _bookkeeping(name: str) -> bool:
     """The lock, and a manifest write a kill cut short (fileio.atomic_path's temp file): a folder holding
     only these is a run killed before it wrote anything, to be continued, not refused."""
-    return name == LOCK_NAME or (name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"))
+    return name == LOCK_NAME or is_temp_of(name, MANIFEST)
 
 
 def _saved_method(saved: Path) -> str | None:

@@ -100,7 +100,7 @@ def build(page: Page):
                     cancel = gr.Button("Cancel job", variant="stop", elem_id="cancel", scale=1)
                 job_progress = gr.HTML(elem_id="job-progress")
                 with gr.Row():
-                    loss_plot = gr.Image(label="training loss", elem_id="loss", height=300, interactive=False)
+                    loss_plot = gr.Image(label="training loss", elem_id="loss", interactive=False)
                     grids = gr.Gallery(label="validation grids", elem_id="grids", columns=2, height=300)
                 job_log = gr.Textbox(label="log (last line)", interactive=False, elem_id="job-log")
                 timer = gr.Timer(1.0)

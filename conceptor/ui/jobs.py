@@ -69,14 +69,10 @@ def devices() -> list[str]:
 def _alive(pid: int | None, folder: Path) -> bool:
     """The worker of ``folder`` is running: the pid lives and its command line names this job (a pid reused
     by another program after a reboot does not count)."""
-    if not pid:
+    from ..training.lock import pid_alive
+
+    if not pid or not pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:

@@ -98,6 +98,8 @@ class Page:
         checked = check_uploads(uploads) if uploads else []
         if checked and form.folder.strip():
             raise ConceptorError("give either uploads or a folder, not both")
+        # The form is checked now, before a job folder exists; the uploads' real folder is only known inside
+        # the new job's folder, so prepare() puts it in the config before the queue checks the whole run.
         config = form_config(form, self.folders, Path("/uploads-placeholder") if checked else None)
 
         def prepare(job_folder: Path):

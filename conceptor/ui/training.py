@@ -6,6 +6,7 @@ browser is shown until the job exists. Nothing from an upload is ever unpickled:
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -50,8 +51,6 @@ class TrainForm:
 
 def upload_root() -> Path:
     """Where Gradio keeps uploaded files: an upload path from the browser must lie there."""
-    import os
-
     return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
