@@ -416,3 +416,15 @@ def test_number_boxes_refuse_what_is_not_a_number():
                      (2.5, "whole number")]:
         with pytest.raises(ConceptorError, match=why):
             _int(bad, "steps")
+
+
+def test_a_taken_port_is_one_line(cli, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, _, err = cli("ui", "--runs-dir", tmp_path / "r", "--port", port)
+    assert code == 2 and err == f"error: cannot listen on 127.0.0.1:{port}: the port is in use; pass another --port\n"
+

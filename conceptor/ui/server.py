@@ -76,7 +76,8 @@ def serve(folders: Folders, host: str = "127.0.0.1", port: int | None = 7860, au
             show_error=False)
     except OSError as e:
         clock.stopped.set()
-        raise ConceptorError(f"cannot listen on {host}:{port}: {e.strerror or e}; pass another --port") from None
+        why = "the port is in use" if "empty port" in str(e) else (e.strerror or str(e))  # gradio's words name its API
+        raise ConceptorError(f"cannot listen on {host}:{port}: {why}; pass another --port") from None
     url = f"http://{'[' + host + ']' if ':' in host else host}:{demo.server_port}/"
     if not block:
         return demo, url, clock
