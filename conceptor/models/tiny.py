@@ -66,6 +66,32 @@ def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORD
     return len(vocab)
 
 
+def write_t5_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 512) -> int:
+    """Write a T5-format tokenizer (one ``tokenizer.json``, Unigram over SentencePiece's "▁" word marker, "</s>"
+    appended) that knows ``words`` as single pieces and spells anything else with letters, as T5's own does
+    with rare words. Returns the vocabulary size. T5's ids: 0 = <pad>, 1 = </s>, 2 = <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = list(dict.fromkeys(words))
+    letters = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()<>_/"))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in letters if ("\u2581" + c) != c]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5TokenizerFast", "model_max_length": max_length, "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "extra_ids": 0}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    return tokenizer.get_vocab_size()
+
+
 def build_tiny_pipeline_folder(folder: str | Path, family: str = "sd1", seed: int = 0,
                                words: Iterable[str] = DEFAULT_WORDS) -> Path:
     """Write a random-weight SD1- or SD2-shaped diffusers pipeline folder and return its path.
