@@ -137,7 +137,7 @@ def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, lor
     parsed_loras = [parse_lora_arg(str(x)) for x in loras]  # a typo fails before the model loads
     components = resolve_model(ModelConfig(model=model, model_config=model_config, family=family, vae=vae))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for m in (*components.text_encoders, components.vae, components.unet):
+    for m in (*components.text_encoders, components.vae, components.denoiser):
         m.to(device, dtype=dtype).eval()
     loaded = Model(components)
     for path, scale in parsed_loras:

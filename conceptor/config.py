@@ -34,6 +34,11 @@ def opt(default: Any = None, help: str | None = None, *, factory: Callable | Non
     return field(default=default, metadata=meta)
 
 
+FLOW_GROUP = "flow matching (SD3, Flux)"
+FLOW_SAMPLING = ("logit_normal", "uniform", "mode")  # training/flow.py's SCHEMES
+FLOW_WEIGHTING = ("none", "sigma_sqrt", "cosmap")  # training/flow.py's WEIGHTINGS
+
+
 @dataclass
 class ModelConfig:
     model: str | None = opt(None, "hub id, diffusers folder or .safetensors file (default: bundled toy model)",
@@ -46,6 +51,8 @@ class ModelConfig:
     variant: str | None = opt(None, "weights variant, e.g. fp16")
     vae: str | None = opt(None, "use this VAE instead of the model's (e.g. madebyollin/sdxl-vae-fp16-fix)",
                           metavar="DIR|ID", input=True)
+    max_sequence_length: int | None = opt(None, "SD3/Flux: T5 tokens per prompt (default: the pipeline's, SD3 256, "
+                                                "Flux.1-dev 512, schnell 256)", metavar="N")
 
 
 @dataclass
@@ -102,6 +109,21 @@ class TrainConfig:
                            "output (raw weights in OUTPUT/raw)", group="optimization")
     ema_decay: float = opt(0.9999, "EMA decay (default 0.9999)", group="optimization")
     offload_ema: bool = opt(False, "keep the EMA weights in CPU memory", group="optimization")
+    # Flow matching (Esser et al. 2024), for SD3 and Flux; refused on UNet models, where they would do nothing.
+    timestep_sampling: str = opt("logit_normal", "how noise levels are drawn: logit_normal (SD3's paper, default), "
+                                 "uniform or mode", choices=FLOW_SAMPLING, group=FLOW_GROUP)
+    logit_mean: float = opt(0.0, "logit_normal: mean (default 0)", group=FLOW_GROUP)
+    logit_std: float = opt(1.0, "logit_normal: standard deviation (default 1)", group=FLOW_GROUP)
+    mode_scale: float = opt(1.29, "mode: scale (default 1.29)", group=FLOW_GROUP)
+    flow_shift: float | None = opt(None, "move noise levels towards noise, s -> shift s / (1 + (shift - 1) s) "
+                                         "(default: the model's: SD3 3.0, Flux by image size)", group=FLOW_GROUP)
+    loss_weighting: str = opt("none", "per-sample loss weight: none (default), sigma_sqrt or cosmap",
+                              choices=FLOW_WEIGHTING, group=FLOW_GROUP)
+    flow_target: str | None = opt(None, "what the loss compares: velocity, or x0 (the velocity loss weighted by "
+                                        "sigma^2, EDM-style) (default: as diffusers' scripts, SD3 x0, Flux velocity)",
+                                  choices=("velocity", "x0"), group=FLOW_GROUP)
+    guidance_scale: float | None = opt(None, "Flux.1-dev: the value its guidance embedding gets while training "
+                                             "(default 3.5, as diffusers' script)", group=FLOW_GROUP)
 
 
 @dataclass
@@ -262,6 +284,11 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
         (0 <= t.seed <= MAX_TRAIN_SEED, f"--seed must be between 0 and {MAX_TRAIN_SEED}, got {t.seed}"),
         (t.snr_gamma is None or t.snr_gamma > 0, "--snr-gamma must be positive (5.0 is the paper's value)"),
         (t.noise_offset >= 0, "--noise-offset must be >= 0"),
+        (t.logit_std > 0, "--logit-std must be positive"),
+        (t.flow_shift is None or t.flow_shift > 0, "--flow-shift must be positive (1 = no shift, SD3 uses 3.0)"),
+        (t.guidance_scale is None or t.guidance_scale >= 0, "--guidance-scale must be >= 0"),
+        (cfg.model.max_sequence_length is None or 1 <= cfg.model.max_sequence_length <= 512,
+         "--max-sequence-length must be between 1 and 512 (T5's limit)"),
         (o.lr is not None and o.lr > 0, "--lr must be positive"),
         (0 < t.ema_decay < 1, "--ema-decay must be between 0 and 1, e.g. 0.9999"),
         (o.lr_scheduler in ("constant", "cosine", "linear"), "--lr-scheduler must be constant, cosine or linear"),

@@ -15,10 +15,9 @@ LAYERS = [
     ["conceptor._version", "conceptor.errors", "conceptor.fileio", "conceptor.compat", "conceptor.config_checks",
      "conceptor.toyworld"],
     ["conceptor.config", "conceptor.methods"],
-    ["conceptor.formats", "conceptor.data"],
-    ["conceptor.models"],
-    ["conceptor.sampling", "conceptor.training.method", "conceptor.training.diffusion", "conceptor.training.flow",
-     "conceptor.training.lock",
+    ["conceptor.formats", "conceptor.data", "conceptor.training.diffusion", "conceptor.training.flow"],  # pure maths
+    ["conceptor.models", "conceptor.families"],
+    ["conceptor.sampling", "conceptor.training.method", "conceptor.training.lock",
      "conceptor.training.manifest", "conceptor.training.checkpoint", "conceptor.training.metrics"],
     ["conceptor.methods.*"],
     ["conceptor.training"],

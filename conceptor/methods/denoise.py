@@ -91,6 +91,10 @@ def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.
     batch b train on exactly what one process with batch N*b would.
     """
     c = components
+    if c.flow is not None:  # SD3, Flux: rectified flow, the pooled embedding rides in added_cond
+        from ..families.flow import flow_loss, settings_of
+
+        return flow_loss(c, latents, hidden, added_cond["pooled"], settings_of(train), generator, rows)
     acp = c.scheduler.alphas_cumprod.to(latents.device)
     indices, total = rows or (range(len(latents)), len(latents))
     pick = torch.as_tensor(list(indices), dtype=torch.long)

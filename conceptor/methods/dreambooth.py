@@ -18,7 +18,14 @@ from ..config import MethodSpec, RunConfig, opt
 from ..data.images import IMAGE_EXTS, list_images, load_image, to_tensor
 from ..data.order import batch_indices
 from ..fileio import atomic_path
-from ..models.adapters import add_adapters, load_trained_state, save_adapters, train_whole, trained_state
+from ..models.adapters import (
+    add_adapters,
+    load_trained_state,
+    save_adapters,
+    train_whole,
+    trainable_text_encoders,
+    trained_state,
+)
 from ..models.load import Components
 from ..models.save import save_pipeline
 from ..models.text import added_conditioning, encode, token_ids
@@ -127,23 +134,23 @@ class DreamBooth:
             with torch.no_grad():
                 self.encoded = {k: encode(components, v) for k, v in self.ids.items()}
 
-        unet = components.unet
+        denoiser = components.denoiser
         groups = []
         te_lr = db.text_encoder_lr or cfg.optim.lr
-        if self.lora:  # SDXL: both text encoders, with --lora-text-encoder
-            groups = add_adapters(self._modules(), cfg.lora, te_lr, cfg.train.seed)
+        if self.lora:  # SDXL/SD3: both CLIP text encoders, with --lora-text-encoder
+            groups = add_adapters(self._modules(), cfg.lora, te_lr, cfg.train.seed, components.flow)
         else:
-            groups.append({"params": train_whole(unet)})
+            groups.append({"params": train_whole(denoiser)})
             if db.train_text_encoder:
-                for te in components.text_encoders:
+                for te in trainable_text_encoders(components).values():
                     groups.append({"params": train_whole(te), "lr": te_lr})
-        unet.train()
-        for te in components.text_encoders:
+        denoiser.train()
+        for te in trainable_text_encoders(components).values():
             te.train(self.text_trains)
             if cfg.train.gradient_checkpointing and self.text_trains:
                 te.gradient_checkpointing_enable()
         if cfg.train.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
         n = sum(p.numel() for g in groups for p in g["params"])
         log.info("dreambooth%s: %d instance image(s)%s, %.1fM trainable parameters", " LoRA" if self.lora else "",
                  self.instance.n, f", {self.prior.n} class image(s)" if self.prior else " (no prior preservation)",
@@ -188,11 +195,9 @@ class DreamBooth:
 
     # -- state and files -------------------------------------------------------------------------
     def _modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"unet": self.c.unet}
+        mods = {self.c.denoiser_name: self.c.denoiser}
         if self.text_trains:
-            mods["text_encoder"] = self.c.text_encoder
-            if self.c.text_encoder_2 is not None:
-                mods["text_encoder_2"] = self.c.text_encoder_2
+            mods.update(trainable_text_encoders(self.c))
         return mods
 
     def state_dict(self) -> dict[str, torch.Tensor]:

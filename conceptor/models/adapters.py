@@ -40,13 +40,16 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: float | None, targets: l
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights(FOLDER) looks for
 
 
-def add_adapters(modules: dict[str, torch.nn.Module], lora, text_lr: float | None, seed: int) -> list[dict]:
-    """LoRA param groups for ``{"unet": m, "text_encoder": m, ...}`` as the run's ``lora`` section says: the
-    UNet on its target set, text encoders on their attention projections, each seeded apart (seed, seed+1+k)."""
+def add_adapters(modules: dict[str, torch.nn.Module], lora, text_lr: float | None, seed: int,
+                 flow=None) -> list[dict]:
+    """LoRA param groups for ``{"unet"|"transformer": m, "text_encoder": m, ...}`` as the run's ``lora`` section
+    says: the denoiser on its target set (a flow family's own for a transformer), text encoders on their
+    attention projections, each seeded apart (seed, seed+1+k)."""
     groups = []
     for k, (name, module) in enumerate(modules.items()):
-        if name == "unet":
-            groups.append({"params": add_lora(module, lora.rank, lora.alpha, UNET_LORA_TARGETS[lora.targets], seed)})
+        if name in ("unet", "transformer"):
+            targets = (flow.lora_targets if name == "transformer" else UNET_LORA_TARGETS)[lora.targets]
+            groups.append({"params": add_lora(module, lora.rank, lora.alpha, targets, seed)})
         else:
             group = {"params": add_lora(module, lora.rank, lora.alpha, TEXT_LORA_TARGETS, seed + k)}
             groups.append({**group, "lr": text_lr} if text_lr else group)
@@ -91,3 +94,12 @@ def load_trained_state(modules: dict[str, torch.nn.Module], state: dict[str, tor
         if bad or not part:
             raise ConceptorError(f"checkpoint does not match this run's {name} (first mismatch: "
                                  f"{(bad or ['no weights'])[0]}); resume with the same model and flags")
+
+
+def trainable_text_encoders(c) -> dict[str, torch.nn.Module]:
+    """The text encoders a method may train: the CLIP ones. T5-XXL (Flux's text_encoder_2, SD3's
+    text_encoder_3) stays frozen, as in every trainer: 4.7B parameters for little gain."""
+    out = {"text_encoder": c.text_encoder}
+    if c.text_encoder_2 is not None and c.family != "flux":
+        out["text_encoder_2"] = c.text_encoder_2
+    return out

@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion model from a hub id, a diffusers folder or one .safetensors file.
+"""Load a model (SD 1/2/XL, SD 3/3.5, Flux.1) from a hub id, a diffusers folder or one .safetensors file.
 
 Everything downstream (methods, sampling, eval) sees one typed ``Components`` object, never a path.
 """
@@ -16,6 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConceptorError
+from ..families import PIPELINE_FAMILIES
 from ..formats.ldm_checkpoint import FAMILIES  # the one table of families
 from ..toyworld import MODEL_FOLDER  # paths only: the package imports nothing
 
@@ -36,36 +37,63 @@ SAMPLING_FILE = "conceptor.json"
 
 @dataclass
 class Components:
-    """The parts of a Stable Diffusion model that training and sampling need."""
+    """The parts of a text-to-image model that training and sampling need.
+
+    UNet families (sd1, sd2, sdxl) fill ``unet``; flow-matching transformers (sd3, flux) fill ``transformer``
+    and their family layer (``flow``) says how to encode text and call it. SD3 has three text encoders
+    (CLIP-L, CLIP-G, T5-XXL), Flux two (CLIP-L for the pooled embedding, T5-XXL).
+    """
 
     tokenizer: Any
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    unet: torch.nn.Module
-    scheduler: Any  # the training noise scheduler (DDPM over the model's betas)
+    unet: torch.nn.Module | None
+    scheduler: Any  # the training noise scheduler (DDPM over the model's betas; None for flow families)
     scheduler_config: dict  # the model's own scheduler config, as shipped: samplers start from it
-    family: str  # "sd1" | "sd2"
-    prediction_type: str  # "epsilon" | "v_prediction", read from the model's scheduler config
+    family: str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux"
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow" (velocity eps - x0)
     source: str
     tokenizer_2: Any = None  # SDXL: the OpenCLIP-bigG tokenizer and text encoder (with projection: pooled)
     text_encoder_2: torch.nn.Module | None = None
     sampling: dict = field(default_factory=dict)  # the folder's SAMPLING_FILE, if it has one
+    transformer: torch.nn.Module | None = None
+    tokenizer_3: Any = None  # SD3's T5
+    text_encoder_3: torch.nn.Module | None = None
+    max_sequence_length: int = 77  # T5 token slots of the flow families (their pipelines' defaults)
+
+    @property
+    def flow(self):
+        """The flow-matching family layer (families/), or None for a UNet model."""
+        from ..families import flow_family
+
+        return flow_family(self.family)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or the transformer: what training adapts and sampling calls."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def denoiser_name(self) -> str:
+        return "unet" if self.unet is not None else "transformer"
 
     @property
     def default_guidance(self) -> float:
-        return float(self.sampling.get("guidance", DEFAULT_GUIDANCE))
+        if "guidance" in self.sampling:
+            return float(self.sampling["guidance"])
+        return self.flow.default_guidance if self.flow is not None else DEFAULT_GUIDANCE
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.family == "sdxl"
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
 
     @property
     def tokenizers(self) -> list:
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -73,11 +101,15 @@ class Components:
 
     @property
     def default_resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        if "resolution" in self.sampling:
+            return int(self.sampling["resolution"])
+        size = self.denoiser.config.get("sample_size")
+        # Flux's config has no size; its pipeline's default is 128 latents x 8 = 1024 px.
+        return int(size) * self.vae_scale_factor if size else 1024
 
     def frozen(self) -> "Components":
         """Freeze every weight (methods then switch on exactly what they train)."""
-        for m in (*self.text_encoders, self.vae, self.unet):
+        for m in (*self.text_encoders, self.vae, self.denoiser):
             m.requires_grad_(False)
             m.eval()
         return self
@@ -117,10 +149,15 @@ def load_components(model: str, *, model_config: str | None = None, family: str 
     quiet_libraries()
     path = Path(model).expanduser()
     if path.is_dir():
+        index = _read_index(path)
+        if index.get("_class_name") in PIPELINE_FAMILIES:
+            components = load_flow_folder(str(path), index, None, None, dtype, source=str(path), local_only=True)
+            components.sampling = read_sampling_defaults(path)
+            return components
         if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
             raise ConceptorError(
-                f"model folder {model} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/); "
-                "pass a pipeline folder, a .safetensors checkpoint or a hub id")
+                f"model folder {model} is not a diffusers Stable Diffusion, SD3 or Flux folder (no unet/ or "
+                "transformer/ with text_encoder/); pass a pipeline folder, a .safetensors checkpoint or a hub id")
         components = _load_folder(str(path), None, None, dtype, source=str(path), local_only=True)
         components.sampling = read_sampling_defaults(path)
         return components
@@ -130,7 +167,59 @@ def load_components(model: str, *, model_config: str | None = None, family: str 
         return _load_single_file(path, model_config, family, dtype)
     if not _HUB_ID.match(model) or model.startswith((".", "~")):
         raise ConceptorError(f"model path {model} does not exist (and it is not a hub id like org/name)")
+    index = _hub_index(model, revision)
+    if index.get("_class_name") in PIPELINE_FAMILIES:
+        return load_flow_folder(model, index, revision, variant, dtype, source=model, local_only=False)
     return _load_folder(model, revision, variant, dtype, source=model, local_only=False)
+
+
+def _read_index(folder: Path) -> dict:
+    file = folder / "model_index.json"
+    try:
+        return json.loads(file.read_text()) if file.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        raise ConceptorError(f"{file} is not valid JSON; the model folder is damaged") from None
+
+
+def _hub_index(repo: str, revision: str | None) -> dict:
+    """A hub model's model_index.json (from the cache when offline); {} when it cannot be read, so the
+    loader below reports the problem in its own words."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(repo, "model_index.json", revision=revision)).read_text())
+    except Exception:  # offline and not cached, no such repo, not a pipeline: the loader below says which
+        return {}
+
+
+def load_flow_folder(where: str, index: dict, revision: str | None, variant: str | None, dtype: torch.dtype,
+                     source: str, local_only: bool, transformer: torch.nn.Module | None = None) -> Components:
+    """An SD3 or Flux pipeline folder (or hub id), every part with the class its model_index.json names.
+    ``transformer`` replaces the folder's own (a transformer-only single file)."""
+    from ..families import PIPELINE_FAMILIES
+    from ..families.flow import load_parts
+
+    family = PIPELINE_FAMILIES[index["_class_name"]]
+    common: dict[str, Any] = {"revision": revision, "variant": variant}
+    if local_only:
+        common["local_files_only"] = True
+    try:
+        parts = load_parts(where, index, common, dtype, skip=("transformer",) if transformer is not None else ())
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        hint = ("it is not in the local cache and HF_HUB_OFFLINE is set"
+                if os.environ.get("HF_HUB_OFFLINE") == "1" and not local_only else str(e).splitlines()[0])
+        raise ConceptorError(f"could not load model {source}: {hint}") from None
+    if transformer is not None:
+        parts["transformer"] = transformer
+    missing = [p for p in ("tokenizer", "text_encoder", "transformer", "vae") if parts.get(p) is None]
+    if missing:
+        raise ConceptorError(f"model {source} lacks {', '.join(missing)}; a {family} pipeline needs them")
+    scheduler_config = parts.pop("scheduler") or {}
+    guided = bool(parts["transformer"].config.get("guidance_embeds", False))
+    # The pipelines' own T5 lengths: SD3 256, Flux.1-dev 512, schnell 256.
+    max_len = 512 if family == "flux" and guided else 256
+    return Components(**parts, unet=None, scheduler=None, scheduler_config=scheduler_config, family=family,
+                      prediction_type="flow", source=source, max_sequence_length=max_len)
 
 
 def read_sampling_defaults(folder: Path) -> dict:
@@ -198,6 +287,9 @@ def _load_single_file(path: Path, model_config: str | None, family: str | None,
         # from_single_file would unpickle it; we only ever read pickles with weights_only=True.
         raise ConceptorError(f"{path.name} is a pickle (.ckpt); convert it to .safetensors from a trusted "
                              "source first, pickles can run code when loaded")
+    flow = single_file_flow_family(path)
+    if flow is not None:
+        return _load_flow_single_file(path, flow, model_config, dtype)
     if model_config is None:
         if family is None:
             raise ConceptorError(f"single-file checkpoint {path.name} needs configs: pass --model-config "
@@ -219,6 +311,59 @@ def _load_single_file(path: Path, model_config: str | None, family: str | None,
                              f"{str(e).splitlines()[0]}") from None
     return _assemble(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, dict(pipe.scheduler.config), str(path),
                      getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))
+
+
+# Keys that only one family's transformer has, in the original (BFL/Stability) and in diffusers' naming.
+_FLOW_KEYS = {"flux": ("double_blocks.", "single_transformer_blocks."), "sd3": ("joint_blocks.", "context_embedder.")}
+
+
+def single_file_flow_family(path: Path) -> str | None:
+    """"flux" or "sd3" when the file holds such a transformer (read from the header's key names alone)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # not a safetensors file: the UNet loader below reports it
+        return None
+    for family, marks in _FLOW_KEYS.items():
+        if any(m in k for k in keys for m in marks):
+            return family
+    return None
+
+
+def _load_flow_single_file(path: Path, family: str, model_config: str | None, dtype: torch.dtype) -> Components:
+    """A transformer-only SD3/Flux file with the rest (text encoders, VAE, configs) from ``model_config``."""
+    import diffusers
+
+    title = {"flux": "Flux", "sd3": "SD3"}[family]
+    if model_config is None or not Path(model_config).is_dir():
+        raise ConceptorError(f"{path.name} is a {title} transformer without text encoders or VAE; pass "
+                             f"--model-config DIR, a local diffusers {title} folder to take them and the configs from")
+    index = _read_index(Path(model_config))
+    if PIPELINE_FAMILIES.get(index.get("_class_name")) != family:
+        raise ConceptorError(f"--model-config {model_config} is not a {title} pipeline folder but {path.name} is a "
+                             f"{title} transformer; pass a folder of the same family")
+    cls = getattr(diffusers, index["transformer"][1])
+    config = cls.load_config(model_config, subfolder="transformer")
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            diffusers_names = any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in f.keys())
+        if diffusers_names:
+            transformer = cls.from_config(config)
+            transformer.load_state_dict(load_file(str(path)), strict=True)
+            transformer.to(dtype)
+        else:
+            transformer = cls.from_single_file(str(path), config=model_config, subfolder="transformer",
+                                               torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ConceptorError(f"could not load {path.name} as the transformer of {model_config}: "
+                             f"{str(e).splitlines()[0]}") from None
+    return load_flow_folder(model_config, index, None, None, dtype, source=str(path), local_only=True,
+                            transformer=transformer)
 
 
 def _assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict, source: str, tokenizer_2=None,

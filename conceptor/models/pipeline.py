@@ -19,11 +19,21 @@ def make_scheduler(components: Components, name: str = "ddim"):
 
     if name not in SCHEDULERS:
         raise ConceptorError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if components.flow is not None:
+        # On a straight noise-to-data path a deterministic DDIM step is an Euler step along the velocity,
+        # so both names give the model's own flow-matching Euler sampler; the others are for UNet models.
+        if name not in FLOW_SCHEDULERS:
+            raise ConceptorError(f"--scheduler {name} is for UNet models; {components.flow.title} samples with "
+                                 f"{' or '.join(FLOW_SCHEDULERS)} (its flow-matching Euler sampler)")
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config)
     cls = getattr(diffusers, SCHEDULERS[name])
     config = dict(components.scheduler_config)
     # Latents are not bounded to [-1, 1]; clipping them wrecks samples (SD's configs set this False too).
     config["clip_sample"] = False
     return cls.from_config(config)
+
+
+FLOW_SCHEDULERS = ("euler", "ddim")
 
 
 def build_pipeline(components: Components, scheduler: str = "ddim", *, vae=None, text_encoder=None,
@@ -33,6 +43,10 @@ def build_pipeline(components: Components, scheduler: str = "ddim", *, vae=None,
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     c = components
+    if c.flow is not None:
+        pipe = c.flow.pipeline(c, make_scheduler(c, scheduler))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     parts = dict(vae=vae or c.vae, text_encoder=text_encoder or c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
                  scheduler=make_scheduler(c, scheduler))
     if c.is_sdxl:

@@ -1,5 +1,6 @@
-"""Prompt -> UNet conditioning for every family: one text encoder (SD 1/2), or two plus the pooled
-embedding and size ids that SDXL's UNet takes as added conditioning."""
+"""Prompt -> denoiser conditioning for every family: one text encoder (SD 1/2), or two plus the pooled
+embedding and size ids that SDXL's UNet takes as added conditioning; SD3 and Flux through their family
+layer (families/), which knows their CLIP and T5 encoders."""
 from __future__ import annotations
 
 import logging
@@ -19,15 +20,19 @@ _MAX_CUT_REPORTS = 10
 def token_ids(c: Components, prompts: list[str]) -> list[torch.Tensor]:
     """Padded ids, one tensor per tokenizer. A prompt cut at the tokenizer's limit is warned about once."""
     out = []
-    for tok in c.tokenizers:
-        enc = tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                  return_tensors="pt")
+    for tok, limit in zip(c.tokenizers, max_lengths(c)):
+        enc = tok(prompts, padding="max_length", truncation=True, max_length=limit, return_tensors="pt")
         mask = enc.get("attention_mask")
         if mask is not None and len(_CUT_REPORTED) < _MAX_CUT_REPORTS:
             # Only a prompt that fills every slot can have been cut: just those are tokenized again in full.
-            _report_cut(tok, [p for p, full in zip(prompts, mask[:, -1].tolist()) if full])
+            _report_cut(tok, [p for p, full in zip(prompts, mask[:, -1].tolist()) if full], limit)
         out.append(enc.input_ids)
     return out
+
+
+def max_lengths(c: Components) -> list[int]:
+    """Token slots of each tokenizer: its own limit (CLIP's 77), or for T5 the family's sequence length."""
+    return c.flow.max_lengths(c) if c.flow is not None else [tok.model_max_length for tok in c.tokenizers]
 
 
 def warn_if_cut(c: Components, prompts: list[str]) -> None:
@@ -35,8 +40,7 @@ def warn_if_cut(c: Components, prompts: list[str]) -> None:
     token_ids(c, prompts)
 
 
-def _report_cut(tok, prompts: list[str]) -> None:
-    limit = tok.model_max_length
+def _report_cut(tok, prompts: list[str], limit: int) -> None:
     for prompt in prompts:
         if prompt in _CUT_REPORTED or len(_CUT_REPORTED) >= _MAX_CUT_REPORTS:
             continue
@@ -57,14 +61,14 @@ def check_token_fits(c: Components, prompt: str, token: str, vectors: int, sourc
     if token not in prompt:
         return
     before = prompt.split(token, 1)[0]
-    for tok in c.tokenizers:
+    for tok, limit in zip(c.tokenizers, max_lengths(c)):
         # Tokenizers split text on added tokens before anything else, so what precedes the token is
         # tokenized alone either way; the start token is number 1 and the last slot is the end token's.
         first = len(tok(before, add_special_tokens=False, verbose=False).input_ids) + 2
         last = first + vectors - 1
-        if last >= tok.model_max_length:
+        if last >= limit:
             where = f"token {first}" if vectors == 1 else f"tokens {first}-{last}"
-            raise ConceptorError(f"{source} puts {token} at {where}, past the text encoder's {tok.model_max_length}"
+            raise ConceptorError(f"{source} puts {token} at {where}, past the text encoder's {limit}"
                                  "-token limit (start and end tokens included); shorten the text before the token")
 
 
@@ -74,6 +78,8 @@ def encode(c: Components, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.
     SDXL conditions on the penultimate layer of both encoders, concatenated (768 + 1280 wide), and on the
     projected pooled output of the second, as diffusers' StableDiffusionXLPipeline.encode_prompt does.
     """
+    if c.flow is not None:
+        return c.flow.encode(c, ids)
     if not c.is_sdxl:
         return c.text_encoder(ids[0].to(c.text_encoder.device))[0], None
     out1 = c.text_encoder(ids[0].to(c.text_encoder.device), output_hidden_states=True)
@@ -84,7 +90,10 @@ def encode(c: Components, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.
 
 def added_conditioning(c: Components, pooled: torch.Tensor | None, resolution: int | tuple[int, int],
                        crop: tuple[int, int] = (0, 0)) -> dict | None:
-    """SDXL's ``added_cond_kwargs``: pooled text embedding and (original size, crop top-left, target size)."""
+    """SDXL's ``added_cond_kwargs``: pooled text embedding and (original size, crop top-left, target size).
+    SD3 and Flux take the pooled embedding alone."""
+    if c.flow is not None:
+        return {"pooled": pooled}
     if pooled is None:
         return None
     h, w = (resolution, resolution) if isinstance(resolution, int) else resolution

@@ -94,10 +94,11 @@ def write_t5_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS,
 
 def build_tiny_pipeline_folder(folder: str | Path, family: str = "sd1", seed: int = 0,
                                words: Iterable[str] = DEFAULT_WORDS) -> Path:
-    """Write a random-weight SD1- or SD2-shaped diffusers pipeline folder and return its path.
+    """Write a random-weight SD1-, SD2-, SDXL-, SD3- or Flux-shaped diffusers pipeline folder and return its path.
 
     sd1: CLIP-style text encoder (quick_gelu), epsilon prediction.
     sd2: OpenCLIP-style text encoder (gelu), v-prediction: the two things the loader must tell apart.
+    sdxl: two text encoders, "text_time" conditioning. sd3, flux, flux-schnell: see ``tiny_flow``.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -107,8 +108,11 @@ def build_tiny_pipeline_folder(folder: str | Path, family: str = "sd1", seed: in
     quiet_libraries()
     if family == "sdxl":
         return _build_tiny_sdxl(Path(folder), seed, words)
+    if family in ("sd3", "flux", "flux-schnell"):
+        from .tiny_flow import build_tiny_flow_folder
+        return build_tiny_flow_folder(folder, family, seed, words)
     if family not in ("sd1", "sd2"):
-        raise ValueError(f"family must be sd1, sd2 or sdxl, got {family!r}")
+        raise ValueError(f"family must be sd1, sd2, sdxl, sd3, flux or flux-schnell, got {family!r}")
     folder = Path(folder)
     torch.manual_seed(seed)
     vocab_size = write_clip_tokenizer(folder / "tokenizer", words)

@@ -88,22 +88,49 @@ def sample(components: Components, prompts: list[str], seeds: list[int], *, nega
                      f"--width {width} --height {height}", "VAE decoder")
     warn_if_cut(components, list(dict.fromkeys([*prompts, negative_prompt or ""])))
     pipe = build_pipeline(components, scheduler)
-    device = components.unet.device
+    c, flow = components, components.flow
+    device, dtype = c.denoiser.device, c.denoiser.dtype
+    extra = {} if flow is None else {"max_sequence_length": c.max_sequence_length}
+    if flow is not None and negative_prompt and not flow.supports_negative(c):
+        raise ConceptorError(f"{flow.title} takes no negative prompt here (it is guidance-distilled); leave "
+                             "--negative-prompt out")
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
         # Initial noise is drawn on the CPU so a seed gives the same picture on any device.
-        shape = (1, components.unet.config.in_channels, height // components.vae_scale_factor,
-                 width // components.vae_scale_factor)
-        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device, components.unet.dtype)
-        out = pipe(chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                   num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                   latents=latents, generator=generators, output_type="latent")
-        images.extend(decode(components, pipe, out.images))
+        shape = (1, c.vae.config.latent_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        if flow is not None:
+            latents = flow.prepare_latents(c, latents)
+        if flow is None:
+            text = {"prompt": chunk, "negative_prompt": [negative_prompt] * len(chunk) if negative_prompt else None}
+        else:
+            text = _flow_text(c, chunk, negative_prompt or "", guidance, device, dtype)
+        out = pipe(**text, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                   latents=latents.to(device, dtype), generator=generators, output_type="latent", **extra)
+        out_latents = out.images if flow is None else flow.latents_out(c, out.images, height, width)
+        images.extend(decode(components, pipe, out_latents))
         if progress:
             progress(len(chunk))
     return images
+
+
+def _flow_text(c: Components, prompts: list[str], negative: str, guidance: float, device, dtype) -> dict:
+    """SD3/Flux prompt embeddings computed here, by the family layer, and handed to the pipeline: its own
+    encode_prompt would run T5 on the transformer's device, and a run keeps T5 in CPU memory."""
+    from ..models.text import encode, token_ids
+
+    def embed(texts):
+        hidden, pooled = encode(c, token_ids(c, texts))
+        return hidden.to(device, dtype), pooled.to(device, dtype)
+
+    hidden, pooled = embed(prompts)
+    out = {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+    if c.flow.supports_negative(c) and guidance > 1:  # classifier-free guidance: the pipeline's "" by default
+        neg_hidden, neg_pooled = embed([negative] * len(prompts))
+        out.update(negative_prompt_embeds=neg_hidden, negative_pooled_prompt_embeds=neg_pooled)
+    return out
 
 
 @torch.no_grad()

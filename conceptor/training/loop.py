@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..data.order import step_generator
 from ..errors import ConceptorError
+from ..families import check_family_options
 from ..fileio import atomic_path, check_target, write_text
 from ..models.load import Components
 from ..sampling.grid import make_grid
@@ -92,7 +93,7 @@ def validate_images(components: Components, cfg: RunConfig, output: Path, step: 
     if not prompts:
         return None
     n = cfg.train.validation_images
-    modes = [(m, m.training) for m in (*components.text_encoders, components.unet)]
+    modes = [(m, m.training) for m in (*components.text_encoders, components.denoiser)]
     for m, _ in modes:
         m.eval()
     images = sample(components, [p for p in prompts for _ in range(n)], [s for _ in prompts for s in range(n)],
@@ -156,6 +157,7 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
 def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
     """Devices and precision, the method's trainables, the run folder, optimizer, schedule and EMA."""
     t = cfg.train
+    check_family_options(components, cfg)  # before the folder is touched: nothing written on a refused option
     action = check_output(cfg)  # again, now under the lock: the folder may have changed since the api's check
     accelerator = make_accelerator(t.mixed_precision)
     device = accelerator.device
@@ -169,9 +171,14 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
     # wait until setup is done (it may reuse them), as before.
     early = make_output(cfg, action) if action != "replace" and accelerator.is_main_process else None
     components.frozen()
-    for module in (*components.text_encoders, components.vae, components.unet):
-        module.to(device, dtype=DTYPES[t.mixed_precision])  # frozen weights in low precision; trainables fp32
-    if t.channels_last:  # convolution outputs follow the weights' layout, so the whole UNet runs NHWC
+    # T5-XXL (SD3, Flux) stays in CPU memory: it encodes a few prompts at setup and for validation, and on
+    # the GPU its 9.5 GB (bf16) would sit beside the transformer for the whole run.
+    t5 = components.flow.t5(components) if components.flow is not None else None
+    for module in (*components.text_encoders, components.vae, components.denoiser):
+        # frozen weights in low precision (T5 overflows in fp16: bf16 there); trainables fp32
+        dtype = torch.bfloat16 if module is t5 and t.mixed_precision == "fp16" else DTYPES[t.mixed_precision]
+        module.to("cpu" if module is t5 else device, dtype=dtype)
+    if t.channels_last and components.unet is not None:  # convolution outputs follow the weights' layout
         components.unet.to(memory_format=torch.channels_last)
     with accelerator.main_process_first():  # caches are filled once, by the main process; the others read them
         setup = method.setup(components, cfg, device, Shard(accelerator.process_index, accelerator.num_processes))
@@ -181,8 +188,8 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
     if t.compile:
         # In place (nn.Module.compile), after adapters are injected: weights, state-dict keys and every
         # caller stay the same object, only forward runs compiled.
-        components.unet.compile()
-        log.info("compiling the UNet: the first steps include compile time (reported apart)")
+        components.denoiser.compile()
+        log.info("compiling the %s: the first steps include compile time (reported apart)", components.denoiser_name)
     params = [p for g in groups for p in g["params"]]
     if any(p.dtype != torch.float32 for p in params):
         raise RuntimeError("trainable parameters must be fp32 (fp16 master weights break the grad scaler)")
