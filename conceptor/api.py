@@ -87,11 +87,12 @@ class Model:
 
         emb = read_embedding(path, token=token)
         c = self.components
-        if c.is_sdxl != (emb.vectors_2 is not None):
-            raise ConceptorError(f"{Path(path).name} is an {'SDXL' if emb.vectors_2 is not None else 'SD 1/2'} "
-                                 f"embedding but the model is {'SDXL' if c.is_sdxl else 'SD 1/2'}; use one made "
-                                 "for this model family")
-        for te, tok, v in zip(c.text_encoders, c.tokenizers, (emb.vectors, emb.vectors_2)):
+        pair = len(c.clip_encoders) == 2  # SDXL and SD3 have CLIP-L and CLIP-G; SD 1/2 and Flux one CLIP
+        if pair != (emb.vectors_2 is not None):
+            kinds = ("SDXL/SD3 (clip_l + clip_g)", "SD 1/2 or Flux (one CLIP encoder)")
+            raise ConceptorError(f"{Path(path).name} is an {kinds[emb.vectors_2 is None]} embedding but the model is "
+                                 f"{c.family}, which takes {kinds[not pair]} ones; use one made for this model family")
+        for (tok, te), v in zip(c.clip_encoders, (emb.vectors, emb.vectors_2)):
             add_tokens(tok, te, emb.token, v.to(te.dtype))
         self.tokens[emb.token] = emb.num_vectors
         return emb.token

@@ -56,10 +56,11 @@ class TextualInversion:
         ti = cfg.textual_inversion
         self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
         self.token, self.num_vectors = ti.token, ti.vectors
-        for tok in components.tokenizers:  # SDXL: the token goes into both vocabularies
+        clips = components.clip_encoders  # SDXL/SD3: the token goes into both CLIP vocabularies (T5 stays as is)
+        for tok, _ in clips:
             for name in token_names(ti.token, ti.vectors):
                 check_new_token(tok, name)
-        init_ids = [initializer_id(tok, ti.init_token) for tok in components.tokenizers]
+        init_ids = [initializer_id(tok, ti.init_token) for tok, _ in clips]
         templates = load_templates(ti.what, ti.templates)
 
         resolution = cfg.data.resolution or components.default_resolution
@@ -89,16 +90,16 @@ class TextualInversion:
         n = self.num_items = len(paths)
         self.resolution = resolution
 
-        # One trained row block per text encoder; SDXL trains both (the 768- and the 1280-wide one).
+        # One trained row block per CLIP encoder; SDXL and SD3 train both (the 768- and the 1280-wide one).
         self.embeddings = []
-        for tok, te, init_id in zip(components.tokenizers, components.text_encoders, init_ids):
+        for (tok, te), init_id in zip(clips, init_ids):
             init = te.get_input_embeddings().weight[init_id].detach().float()
             self.embeddings.append(add_tokens(tok, te, ti.token, init.repeat(ti.vectors, 1)))
         self.first_trained_row = self.embeddings[0].new.shape[0] - ti.vectors
         self._ids_cache: dict[str, list[torch.Tensor]] = {}
         log.info("textual inversion: %d image(s) at %dpx, token %s x%d vector(s) initialised from %r%s",
                  n, resolution, ti.token, ti.vectors, ti.init_token,
-                 " in both SDXL text encoders" if components.is_sdxl else "")
+                 " in both CLIP text encoders" if len(clips) > 1 else "")
         return Setup([{"params": [e.new for e in self.embeddings]}])
 
     # -- per step --------------------------------------------------------------------------------

@@ -97,9 +97,5 @@ def load_trained_state(modules: dict[str, torch.nn.Module], state: dict[str, tor
 
 
 def trainable_text_encoders(c) -> dict[str, torch.nn.Module]:
-    """The text encoders a method may train: the CLIP ones. T5-XXL (Flux's text_encoder_2, SD3's
-    text_encoder_3) stays frozen, as in every trainer: 4.7B parameters for little gain."""
-    out = {"text_encoder": c.text_encoder}
-    if c.text_encoder_2 is not None and c.family != "flux":
-        out["text_encoder_2"] = c.text_encoder_2
-    return out
+    """The text encoders a method may train, by their Components name: the CLIP ones (``c.clip_encoders``)."""
+    return dict(zip(("text_encoder", "text_encoder_2"), (te for _, te in c.clip_encoders)))

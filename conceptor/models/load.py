@@ -96,6 +96,15 @@ class Components:
         return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
 
     @property
+    def clip_encoders(self) -> list[tuple[Any, torch.nn.Module]]:
+        """(tokenizer, text encoder) of each CLIP encoder: what textual inversion and text-encoder LoRAs train.
+        T5-XXL (SD3's third encoder, Flux's second) stays frozen, as in every trainer: 4.7B parameters."""
+        pairs = [(self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None and self.family != "flux":
+            pairs.append((self.tokenizer_2, self.text_encoder_2))
+        return pairs
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -153,6 +162,9 @@ def load_components(model: str, *, model_config: str | None = None, family: str 
         if index.get("_class_name") in PIPELINE_FAMILIES:
             components = load_flow_folder(str(path), index, None, None, dtype, source=str(path), local_only=True)
             components.sampling = read_sampling_defaults(path)
+            # a model trained with fewer T5 slots than its pipeline's default says so (the toy Flux model)
+            components.max_sequence_length = int(components.sampling.get("max_sequence_length",
+                                                                         components.max_sequence_length))
             return components
         if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
             raise ConceptorError(
