@@ -60,12 +60,12 @@ class FlowFamily:
         """Whether the transformer takes a guidance embedding (Flux.1-dev does; schnell and SD3 do not)."""
         return False
 
-    def pipeline(self, c, scheduler):
-        """The family's diffusers pipeline over ``c``'s modules (no copies)."""
+    def pipeline(self, c, scheduler, **replace):
+        """The family's diffusers pipeline over ``c``'s modules (no copies); ``replace`` swaps some of them."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)
-        parts = {p: getattr(c, p) for p in PARTS if p != "scheduler"}
+        parts = {p: replace.get(p, getattr(c, p)) for p in PARTS if p != "scheduler"}
         return cls(**{k: v for k, v in parts.items() if k in _accepts(cls)}, scheduler=scheduler)
 
     def supports_negative(self, c) -> bool:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..config import MethodSpec, RunConfig, opt
 from ..data.images import IMAGE_EXTS, list_images, load_image, to_tensor
 from ..data.order import batch_indices
+from ..errors import ConceptorError
 from ..fileio import atomic_path
 from ..models.adapters import (
     add_adapters,
@@ -108,6 +109,9 @@ class DreamBooth:
         db = self.db = cfg.options
         self.lora = cfg.lora.enabled
         self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
+        if db.save_single_file and components.flow is not None:
+            raise ConceptorError("--save-single-file writes the SD 1/2/XL checkpoint layout; for SD3/Flux use the "
+                                 "diffusers folder the run writes")
         resolution = cfg.data.resolution or components.default_resolution
 
         # Before any image is resized to that size (PIL alone would allocate it), not after.

@@ -37,14 +37,16 @@ FLOW_SCHEDULERS = ("euler", "ddim")
 
 
 def build_pipeline(components: Components, scheduler: str = "ddim", *, vae=None, text_encoder=None,
-                   text_encoder_2=None):
+                   text_encoder_2=None, text_encoder_3=None):
     """A diffusers pipeline over the components' modules (no copies); ``vae``/``text_encoder*`` replace
     theirs (save.py writes untouched fp32 originals where the run held rounded copies)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     c = components
     if c.flow is not None:
-        pipe = c.flow.pipeline(c, make_scheduler(c, scheduler))
+        replace = {"vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+                   "text_encoder_3": text_encoder_3}
+        pipe = c.flow.pipeline(c, make_scheduler(c, scheduler), **{k: v for k, v in replace.items() if v is not None})
         pipe.set_progress_bar_config(disable=True)
         return pipe
     parts = dict(vae=vae or c.vae, text_encoder=text_encoder or c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,

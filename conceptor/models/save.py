@@ -13,7 +13,8 @@ from ..fileio import atomic_dir
 from .load import SAMPLING_FILE, Components, resolve_model
 from .pipeline import build_pipeline
 
-PARTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+PARTS = ("unet", "transformer", "text_encoder", "vae", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2",
+         "text_encoder_3", "tokenizer_3")
 
 
 def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trained: bool,
@@ -24,12 +25,15 @@ def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trai
     folder never looks loadable. Frozen parts that ran in half precision are written from the untouched
     fp32 originals (reloaded), never from their rounded copies.
     """
-    vae, te, te2 = c.vae, c.text_encoder, c.text_encoder_2
+    vae, te, te2, te3 = c.vae, c.text_encoder, c.text_encoder_2, c.text_encoder_3
     if vae.dtype != torch.float32 or (not text_trained and te.dtype != torch.float32):
         base = resolve_model(model_cfg)
-        vae = base.vae
+        vae, te3 = base.vae, base.text_encoder_3  # T5 never trains
         te, te2 = (te, te2) if text_trained else (base.text_encoder, base.text_encoder_2)
-    pipe = build_pipeline(c, "euler" if c.is_sdxl else "ddim", vae=vae, text_encoder=te, text_encoder_2=te2)
+        if c.family == "flux":  # Flux's second encoder is its T5: frozen, so always the original
+            te2 = base.text_encoder_2
+    pipe = build_pipeline(c, "euler" if c.is_sdxl or c.flow else "ddim", vae=vae, text_encoder=te,
+                          text_encoder_2=te2, text_encoder_3=te3)
     folder = Path(folder)
     staged = folder / ".pipeline"
     with atomic_dir(staged) as tmp:
