@@ -101,12 +101,15 @@ class Model:
         """Merge a LoRA (diffusers/PEFT or kohya file) into the weights at ``scale``; LoRAs add up."""
         import math
 
-        from .formats.lora import apply_lora, read_lora
+        from .formats.lora import apply_lora_to, read_lora
+        from .models.adapters import trainable_text_encoders
 
         if not math.isfinite(scale):  # checked before any weight changes: a NaN scale would poison the model
             raise ConceptorError(f"LoRA scale {scale} for {Path(path).name} is not a finite number; give one like 0.8")
         c = self.components
-        return apply_lora(read_lora(path), c.unet, c.text_encoder, scale, c.text_encoder_2)
+        # the CLIP encoders by their file names: Flux's text_encoder_2 is its T5, which no LoRA here targets
+        modules = {c.denoiser_name: c.denoiser, **trainable_text_encoders(c)}
+        return apply_lora_to(read_lora(path), modules, scale)
 
     def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 30,
                  guidance: float | None = None, scheduler: str = "ddim", seed: int | None = 0, width: int | None = None,

@@ -32,6 +32,10 @@ class FlowFamily:
     lora_targets: dict  # "attn" | "attn-ff" -> module-name suffixes for peft
     x0_loss: bool = False  # the loss diffusers' scripts for the family use by default (see flow_loss_at)
 
+    def targets(self, transformer, which: str) -> list[str]:
+        """peft target names of the LoRA target set ``which`` ("attn" | "attn-ff") on this transformer."""
+        return list(self.lora_targets[which])
+
     # -- text ------------------------------------------------------------------------------------
     def max_lengths(self, c) -> list[int]:
         """Token slots per tokenizer: CLIP's 77, T5's ``c.max_sequence_length``."""

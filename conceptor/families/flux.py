@@ -13,7 +13,9 @@ from .flow import FlowFamily
 
 _ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
          "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+# The single blocks' MLP halves; their proj_out is named per block (lora_targets below) because the top-level
+# output projection is called proj_out too, and kohya's layout has no place for an adapter there.
+_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp"]
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -73,6 +75,13 @@ class FluxFamily(FlowFamily):
         mu = F.flux_mu(tokens, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
                        sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
         return F.time_shift(mu, sigmas)
+
+    def targets(self, transformer, which: str) -> list[str]:
+        names = list(self.lora_targets[which])
+        if which == "attn-ff":
+            blocks = len(transformer.single_transformer_blocks)
+            names += [f"single_transformer_blocks.{i}.proj_out" for i in range(blocks)]
+        return names
 
     def supports_negative(self, c) -> bool:
         return False  # FluxPipeline needs true_cfg_scale for one; distilled guidance is the normal use

@@ -1,12 +1,15 @@
 """LoRA files: the diffusers/PEFT layout and the kohya layout (A1111, ComfyUI), read, written, applied.
 
-In memory a LoRA is ``{"unet.<module>" | "text_encoder.<module>": (down [r, in], up [out, r])}`` with the
+In memory a LoRA is ``{"<prefix>.<module>": (down [r, in], up [out, r])}``, prefix ``unet`` (SD 1/2/XL),
+``transformer`` (SD3/SD3.5, Flux.1; diffusers module paths), ``text_encoder`` or ``text_encoder_2``, with the
 scale alpha/r already folded into ``up``: the update of a Linear weight is then exactly ``up @ down``,
 every file we write means the same thing in every loader, and no alpha metadata can get lost.
 
     diffusers: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight / lora_B.weight
     kohya:     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
                / .lora_up.weight / .alpha (scalar); text encoder as lora_te_text_model_encoder_layers_0_...
+    Flux:      transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight (diffusers) and
+               lora_unet_single_blocks_0_linear1.lora_down.weight (kohya, fused q/k/v/mlp; see lora_flux.py)
 """
 from __future__ import annotations
 
@@ -18,11 +21,16 @@ from safetensors.torch import save_file
 
 from ..errors import ConceptorError
 from ..fileio import atomic_path
+from . import lora_flux
 from .safe_load import load_tensors, refuse_same_file
 
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 FORMATS = ("diffusers", "kohya")
-PREFIXES = ("unet", "text_encoder", "text_encoder_2")
+PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2")
+FAMILIES = {"flux": "Flux.1", "sd3": "SD3/SD3.5", "unet": "a UNet model (SD 1.x/2.x/XL)"}
+# Top-level transformer modules only Flux has (SD3 embeds patches with a conv and has no guidance embedder).
+_FLUX_ONLY = ("single_transformer_blocks.", "x_embedder", "time_text_embed.guidance_embedder.")
+_TEXT = ("text_encoder", "text_encoder_2")
 
 # Multi-word names in SD's UNet and CLIP module paths; kohya joins every level with "_", so these are
 # glued back together after splitting on "_" (the same table diffusers keeps for its converter).
@@ -74,6 +82,8 @@ def _tensors_of(data: dict, where: str) -> dict[str, torch.Tensor]:
 
 def _from_kohya(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
     out: LoraWeights = {}
+    flux = lora_flux.is_kohya_flux(tensors)
+    flux_pairs = {}
     for key in tensors:
         if not key.endswith(".lora_down.weight"):
             continue
@@ -81,6 +91,9 @@ def _from_kohya(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
         up = tensors.get(base + ".lora_up.weight")
         if up is None:
             raise ConceptorError(f"{path}: {base} has lora_down but no lora_up; the file is incomplete")
+        if flux and base.startswith("lora_unet_"):
+            flux_pairs[base] = _fold(tensors, path, key, base + ".lora_up.weight", base + ".alpha")
+            continue
         if base.startswith("lora_unet_"):
             name = "unet." + _kohya_to_dotted(base[len("lora_unet_"):])
         elif base.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
@@ -89,6 +102,7 @@ def _from_kohya(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
         else:
             continue
         out[name] = _fold(tensors, path, key, base + ".lora_up.weight", base + ".alpha")
+    out.update(lora_flux.from_kohya_flux(flux_pairs, path))
     if not out:
         raise ConceptorError(f"{path} has kohya-style keys but no lora_down/lora_up pairs")
     return out
@@ -108,9 +122,10 @@ def _from_diffusers(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
                 if up is None:
                     raise ConceptorError(f"{path}: {base} has a down but no up matrix; the file is incomplete")
                 prefix, _, module = base.partition(".")
-                if prefix not in PREFIXES:  # bare PEFT keys of a UNet adapter
-                    prefix, module = "unet", base
-                if prefix != "unet":
+                if prefix not in PREFIXES:  # bare PEFT keys of a UNet or SD3/Flux transformer adapter
+                    bare_transformer = base.startswith(("transformer_blocks.", "single_transformer_blocks."))
+                    prefix, module = ("transformer" if bare_transformer else "unet"), base
+                if prefix in _TEXT:
                     module = _module_of(module)
                 out[f"{prefix}.{module}"] = _fold(tensors, path, key, base + up_suffix, base + ".alpha")
     if not out:
@@ -178,13 +193,27 @@ def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Pa
     if path.suffix.lower() != ".safetensors":  # the bytes must match the name: no tool reads a LoRA pickle of ours
         raise ConceptorError(f"{path.name}: LoRA files are written as .safetensors (what diffusers, kohya, A1111 "
                              f"and ComfyUI load); name it {path.stem}.safetensors")
+    family = lora_family(lora)
+    pairs = dict(lora)
+    if to == "kohya" and family == "sd3":
+        raise ConceptorError(f"{path.name}: kohya has no SD3 LoRA layout that diffusers reads; write it with "
+                             "--to diffusers (the layout SD3 loaders read)")
+    if to == "kohya" and family == "flux":
+        if any(n.startswith("text_encoder_2.") for n in lora):
+            raise ConceptorError(f"{path.name}: this Flux LoRA trains T5 (text_encoder_2), which kohya's Flux layout "
+                                 "does not carry for diffusers; write it with --to diffusers")
+        transformer = {n: p for n, p in lora.items() if n.startswith("transformer.")}
+        pairs = {n: p for n, p in lora.items() if n not in transformer} | lora_flux.to_kohya_flux(transformer)
     tensors: dict[str, torch.Tensor] = {}
-    sdxl = any(n.startswith("text_encoder_2.") for n in lora)
-    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
-                    "text_encoder_2": "lora_te2_"}  # kohya numbers SDXL's two encoders
-    for name, (down, up) in lora.items():
-        prefix, _, module = name.partition(".")
-        if prefix != "unet":
+    numbered = family == "flux" or any(n.startswith("text_encoder_2.") for n in lora)
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if numbered else "lora_te_",
+                    "text_encoder_2": "lora_te2_"}  # kohya numbers SDXL's two encoders, and Flux's CLIP-L te1
+    for name, (down, up) in pairs.items():
+        if name.startswith("lora_unet_"):  # already a kohya Flux layer
+            prefix, module = "", name
+        else:
+            prefix, _, module = name.partition(".")
+        if prefix in _TEXT and not (family == "flux" and prefix == "text_encoder_2"):  # Flux's is T5, not CLIP
             # Text-encoder paths with CLIP's "text_model." level: what kohya/A1111 use, what older
             # transformers have, and what diffusers strips again for models that lack it.
             module = "text_model." + module
@@ -192,7 +221,7 @@ def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Pa
             tensors[f"{prefix}.{module}.lora_A.weight"] = down
             tensors[f"{prefix}.{module}.lora_B.weight"] = up
         else:
-            base = kohya_prefix[prefix] + module.replace(".", "_")
+            base = kohya_prefix[prefix] + module.replace(".", "_") if prefix else module
             tensors[f"{base}.lora_down.weight"] = down
             tensors[f"{base}.lora_up.weight"] = up
             tensors[f"{base}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale already folded
@@ -222,26 +251,65 @@ def lora_from_peft(module: torch.nn.Module, prefix: str) -> LoraWeights:
     return out
 
 
+def lora_family(lora: LoraWeights) -> str:
+    """What a LoRA was trained for, from its layer names: "flux", "sd3", "unet" or "text_encoder" (only those).
+
+    A transformer LoRA is "flux" when it names a layer only Flux has (single blocks, x_embedder, guidance
+    embedder); otherwise "sd3". Flux's double blocks share SD3's joint-block names, so an "sd3" LoRA may still be
+    a Flux one trained on double blocks only: ``require_family`` lets it try a Flux model, where shapes decide.
+    """
+    prefixes = {name.partition(".")[0] for name in lora}
+    if "transformer" in prefixes:
+        modules = (name.partition(".")[2] for name in lora if name.startswith("transformer."))
+        return "flux" if any(m.startswith(_FLUX_ONLY) for m in modules) else "sd3"
+    return "unet" if "unet" in prefixes else "text_encoder"
+
+
+def model_family(modules: dict[str, torch.nn.Module | None]) -> str | None:
+    """"flux", "sd3" or "unet" for the denoiser among ``modules`` (None when there is none)."""
+    if modules.get("transformer") is not None:
+        return "flux" if hasattr(modules["transformer"], "single_transformer_blocks") else "sd3"
+    return "unet" if modules.get("unet") is not None else None
+
+
+def require_family(lora: LoraWeights, family: str | None) -> None:
+    """Refuse, in one line, a LoRA trained for another model family than ``family`` ("flux", "sd3", "unet")."""
+    trained = lora_family(lora)
+    if family is None or trained in (family, "text_encoder") or (trained, family) == ("sd3", "flux"):
+        return
+    raise ConceptorError(f"this LoRA was trained for {FAMILIES[trained]} but the model is {FAMILIES[family]}; "
+                         "use a LoRA trained for this model family")
+
+
 @torch.no_grad()
-def apply_lora(lora: LoraWeights, unet: torch.nn.Module, text_encoder: torch.nn.Module, scale: float = 1.0,
-               text_encoder_2: torch.nn.Module | None = None) -> int:
+def apply_lora_to(lora: LoraWeights, modules: dict[str, torch.nn.Module | None], scale: float = 1.0) -> int:
     """Merge ``scale * up @ down`` into the Linear weights it names; returns how many layers changed.
 
-    Merged weights cost nothing at sampling time, and several LoRAs simply add up.
+    ``modules`` maps each prefix ("unet" or "transformer", "text_encoder", "text_encoder_2") to its module.
+    Merged weights cost nothing at sampling time, and several LoRAs simply add up. A LoRA of another family,
+    or one whose layers are missing or of another shape, changes nothing and raises one line.
     """
-    modules = {"unet": dict(unet.named_modules())}
-    for prefix, te in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
-        modules[prefix] = {_module_of(name): m for name, m in te.named_modules()} if te is not None else {}
-    missing = []
+    require_family(lora, model_family(modules))
+    named = {prefix: ({_module_of(n) if prefix in _TEXT else n: m for n, m in module.named_modules()}
+                      if module is not None else {}) for prefix, module in modules.items()}
+    found, missing = [], []
     for name, (down, up) in lora.items():
         prefix, _, path = name.partition(".")
-        layer = modules.get(prefix, {}).get(path)
+        layer = named.get(prefix, {}).get(path)
         if layer is None or not hasattr(layer, "weight") or layer.weight.shape != (up.shape[0], down.shape[1]):
             missing.append(name)
-            continue
-        delta = (up.to(layer.weight.device, torch.float32) @ down.to(layer.weight.device, torch.float32)) * scale
-        layer.weight += delta.to(layer.weight.dtype)
+        else:
+            found.append((layer, down, up))
     if missing:
         raise ConceptorError(f"LoRA does not fit this model: {len(missing)} of {len(lora)} layers missing or of "
                              f"another shape (first: {missing[0]}); was it trained for another model family?")
+    for layer, down, up in found:
+        delta = (up.to(layer.weight.device, torch.float32) @ down.to(layer.weight.device, torch.float32)) * scale
+        layer.weight += delta.to(layer.weight.dtype)
     return len(lora)
+
+
+def apply_lora(lora: LoraWeights, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, scale: float = 1.0,
+               text_encoder_2: torch.nn.Module | None = None) -> int:
+    """``apply_lora_to`` for an SD 1/2/XL model (UNet and one or two CLIP text encoders)."""
+    return apply_lora_to(lora, {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}, scale)

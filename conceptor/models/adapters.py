@@ -48,7 +48,7 @@ def add_adapters(modules: dict[str, torch.nn.Module], lora, text_lr: float | Non
     groups = []
     for k, (name, module) in enumerate(modules.items()):
         if name in ("unet", "transformer"):
-            targets = (flow.lora_targets if name == "transformer" else UNET_LORA_TARGETS)[lora.targets]
+            targets = flow.targets(module, lora.targets) if name == "transformer" else UNET_LORA_TARGETS[lora.targets]
             groups.append({"params": add_lora(module, lora.rank, lora.alpha, targets, seed)})
         else:
             group = {"params": add_lora(module, lora.rank, lora.alpha, TEXT_LORA_TARGETS, seed + k)}
