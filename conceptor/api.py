@@ -24,9 +24,12 @@ def train(cfg: RunConfig, components: Components | None = None):
     from .methods import get_method
     from .training.loop import train as run_loop
     from .training.output import check_output
+    from .training.preflight import check_memory
 
     method = get_method(cfg.method)
     check_output(cfg)  # before minutes of model loading and class images, not after
+    if components is None:
+        check_memory(cfg)  # SD3/Flux: the peak-memory estimate, and a stop when it cannot fit, before any weight
     if cfg.lora is not None and cfg.lora.enabled:
         check_adapter_stack()
     return run_loop(method, components if components is not None else resolve_model(cfg.model), cfg)

@@ -102,6 +102,9 @@ class TrainConfig:
     log_every: int = opt(10, "loss log interval in steps", metavar="N")
     epochs: int | None = opt(None, "passes over the dataset (sets --steps)", metavar="N", only=("finetune",))
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory)")
+    quantize: str | None = opt(None, "store the frozen transformer/UNet's Linear weights in nf4 or int8 "
+                                     "(bitsandbytes) or fp8 (optimum-quanto); LoRA and embeddings train in fp32",
+                               choices=("nf4", "int8", "fp8"))
     compile: bool = opt(False, "torch.compile the UNet (faster steps after a one-off compile)")
     channels_last: bool = opt(False, "UNet in channels-last memory layout (NHWC: faster convolutions with oneDNN "
                                      "and tensor cores)")
@@ -305,6 +308,9 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
         (d.repeats >= 1, "--repeats must be at least 1"),
         (t.epochs is None or t.epochs >= 1, "--epochs must be at least 1"),
     ]
+    checks.append((t.quantize is None or cfg.lora is None or cfg.lora.enabled,
+                   f"--quantize {t.quantize} freezes the model in low precision, so it cannot be fine-tuned whole; "
+                   "train a LoRA (--lora) on it, or leave --quantize out"))
     if cfg.lora is not None:
         lo = cfg.lora
         checks += [

@@ -213,3 +213,29 @@ def test_generate_with_a_lora_matches_diffusers_loading_it(tiny_flux, tiny_sd3, 
     code, _, err = cli("generate", "--model", tiny_sd3, "--lora", flux_kohya, "--prompt", "x",
                        "--output", tmp_path / "nothing")
     assert code == 2 and "trained for Flux" in err and not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp8"])
+def test_lora_on_a_quantized_base(tiny_flux, concept_images, tmp_path, mode):
+    """QLoRA-style: the frozen transformer's block Linears in nf4 (bitsandbytes) or fp8 (optimum-quanto), the
+    LoRA in fp32; the file has the same layers as a LoRA of the full-precision model, and loads in diffusers."""
+    from diffusers import FluxPipeline
+
+    from conceptor.models.quantize import is_quantized
+
+    c = load_components(str(tiny_flux))
+    result = api.train(db_config(tiny_flux, concept_images, tmp_path / "q", {"lora": True, "rank": 2}, steps=2,
+                                 quantize=mode), c)
+    assert is_quantized(c.transformer)
+    plain = api.train(db_config(tiny_flux, concept_images, tmp_path / "p", {"lora": True, "rank": 2}, steps=2))
+    q = read_lora(result.output / "pytorch_lora_weights.safetensors")
+    assert q.keys() == read_lora(plain.output / "pytorch_lora_weights.safetensors").keys()
+    assert all(torch.isfinite(up).all() and up.abs().sum() > 0 for _, up in q.values())
+    pipe = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
+    pipe.load_lora_weights(str(result.output))
+
+
+def test_quantize_needs_a_lora(tiny_flux, concept_images, tmp_path, cli):
+    code, _, err = cli("train", "dreambooth", "--model", tiny_flux, "--images", concept_images, "--instance-prompt",
+                       "a sks toy", "--quantize", "nf4", "--steps", "1", "--output", tmp_path / "run")
+    assert code == 2 and "--lora" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -127,6 +127,9 @@ class Components:
 def quiet_libraries() -> None:
     """Silence load-time progress bars and warnings of diffusers/transformers; ours are the ones users read."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # bitsandbytes (the --quantize extra) is imported by diffusers when installed and logs a missing optional
+    # CPU kernel package on every start; the kernels it does have are the ones --quantize uses.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import diffusers
     import transformers
 
@@ -217,6 +220,9 @@ def load_flow_folder(where: str, index: dict, revision: str | None, variant: str
         common["local_files_only"] = True
     try:
         parts = load_parts(where, index, common, dtype, skip=("transformer",) if transformer is not None else ())
+    except (AttributeError, ImportError, TypeError) as e:  # model_index.json names a class no library has
+        raise ConceptorError(f"could not load model {source}: its model_index.json names a part class that "
+                             f"diffusers/transformers do not have ({str(e).splitlines()[0]})") from None
     except (OSError, ValueError, json.JSONDecodeError) as e:
         hint = ("it is not in the local cache and HF_HUB_OFFLINE is set"
                 if os.environ.get("HF_HUB_OFFLINE") == "1" and not local_only else str(e).splitlines()[0])

@@ -25,6 +25,7 @@ from ..errors import ConceptorError
 from ..families import check_family_options
 from ..fileio import atomic_path, check_target, write_text
 from ..models.load import Components
+from ..models.quantize import quantize_base
 from ..sampling.grid import make_grid
 from ..sampling.pipeline import sample
 from . import checkpoint as ckpt
@@ -177,7 +178,12 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
     for module in (*components.text_encoders, components.vae, components.denoiser):
         # frozen weights in low precision (T5 overflows in fp16: bf16 there); trainables fp32
         dtype = torch.bfloat16 if module is t5 and t.mixed_precision == "fp16" else DTYPES[t.mixed_precision]
-        module.to("cpu" if module is t5 else device, dtype=dtype)
+        # a base to quantize is cast where it is and quantized onto the device layer by layer, so its
+        # full-precision weights never have to fit the GPU at once
+        module.to("cpu" if module is t5 or (t.quantize and module is components.denoiser) else device, dtype=dtype)
+    if t.quantize:
+        n = quantize_base(components.denoiser, t.quantize, device=device)
+        log.info("%s: %d Linear layers stored in %s", components.denoiser_name, n, t.quantize)
     if t.channels_last and components.unet is not None:  # convolution outputs follow the weights' layout
         components.unet.to(memory_format=torch.channels_last)
     with accelerator.main_process_first():  # caches are filled once, by the main process; the others read them
