@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What this project runs on a lent GPU, phase by phase (each fits one 10-minute call):
-#   bash benchmarks/gpu_session.sh pretrain|speed1|speed8|sdxl
+#   bash benchmarks/gpu_session.sh pretrain|speed1|speed8|sdxl|flow
 # Wheels the GPU image lacks (diffusers, bitsandbytes) travel in .whl/ (see docs/benchmarks.md).
 # Results land in $OUT (default ./gpu-out): one log and one table per phase.
 set -uo pipefail
@@ -33,5 +33,12 @@ case "$1" in
   sdxl)
     python3 benchmarks/speed.py --size sdxl --batch-size 1 --mixed-precision bf16 --steps 10 --warmup 3 \
       --variants ti,lora,db-8bit-ckpt 2>"$OUT/sdxl.err" | tee "$OUT/sdxl-b1.md"
+    ;;
+  flow)  # issue 20: Flux.1-dev and SD3.5-medium LoRA at 1024 px (targets: Flux <= 24 GB bf16, <= 16 GB nf4;
+         # SD3.5-medium <= 12 GB), with the preflight estimate beside the measured peak
+    python3 benchmarks/speed.py --size flux-dev --batch-size 1 --mixed-precision bf16 --steps 10 --warmup 3 \
+      --variants flow-lora,flow-lora-nf4 2>"$OUT/flux.err" | tee "$OUT/flux-b1.md"
+    python3 benchmarks/speed.py --size sd3.5-medium --batch-size 1 --mixed-precision bf16 --steps 10 --warmup 3 \
+      --variants flow-lora 2>"$OUT/sd35.err" | tee "$OUT/sd35-b1.md"
     ;;
 esac

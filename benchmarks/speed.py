@@ -1,11 +1,15 @@
 """Step time, samples/s and peak memory of each training method, through the real `conceptor.train`.
 
-    python benchmarks/speed.py [--size sd15|sdxl|bundled|tiny] [--variants ti,db-full,db-8bit-ckpt,lora,ft]
-                               [--batch-size 1] [--steps 20] [--warmup 5] [--mixed-precision bf16]
+    python benchmarks/speed.py [--size sd15|sdxl|flux-dev|sd3.5-medium|bundled|tiny|flux-tiny|sd3-tiny]
+                               [--variants ti,db-full,db-8bit-ckpt,lora,ft] [--batch-size 1] [--steps 20]
+                               [--warmup 5] [--mixed-precision bf16]
 
 `sd15` builds a full-size SD 1.5-architecture model from its config with random weights (speed and memory
 do not depend on weight values; nothing is downloaded) at 512 px, `sdxl` SDXL base's at 1024 px: GPU jobs.
-`bundled` is the toy-world model on the CPU. Each variant runs in its own subprocess, so peak memory
+`flux-dev` and `sd3.5-medium` build those transformers (and CLIP, T5-XXL, the 16-channel VAE) from the configs
+in training/memory.py at 1024 px, random weights; `flow-lora*` variants are their LoRA runs, and the table adds
+the preflight estimate (training/preflight.py) beside the measured peak. `bundled` is the toy-world model on
+the CPU. Each variant runs in its own subprocess, so peak memory
 (torch.cuda.max_memory_allocated on a GPU, peak RSS on the CPU) is its own. Warm-up steps are excluded
 from the step time.
 """
@@ -46,7 +50,71 @@ VARIANTS = {  # name -> (method, method section, extra train/optim settings)
                                      "num_class_images": 4, "class_sampling_steps": 2}, {"mixed_precision": "bf16"}),
     "ft-cl": ("finetune", {}, {"channels_last": True}),
     "ft-lora": ("finetune", {"lora": True, "rank": 4}, {}),
+    # SD3/Flux: DreamBooth LoRA rank 16 on the attention, as diffusers' Flux/SD3 LoRA scripts' defaults
+    "flow-lora": ("dreambooth", {"instance_prompt": "a photo of sks toy", "lora": True, "rank": 16},
+                  {"gradient_checkpointing": True}),
+    "flow-lora-nf4": ("dreambooth", {"instance_prompt": "a photo of sks toy", "lora": True, "rank": 16},
+                      {"gradient_checkpointing": True, "quantize": "nf4"}),
+    "flow-lora-fp8": ("dreambooth", {"instance_prompt": "a photo of sks toy", "lora": True, "rank": 16},
+                      {"gradient_checkpointing": True, "quantize": "fp8"}),
 }
+FLOW_SIZES = {"flux-dev": ("flux-dev", "flux"), "sd3.5-medium": ("sd3.5-medium", "sd3")}
+
+
+def flow_components(name: str, device: str):
+    """A full-size Flux.1-dev / SD3.5-medium from its configs with random weights (bf16): speed and memory do
+    not depend on the values. Tokenizers are built in code; T5 stays on the CPU as in a run."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from conceptor.models.load import Components
+    from conceptor.models.tiny import write_clip_tokenizer, write_t5_tokenizer
+    from conceptor.training import memory as M
+
+    arch = M.ARCHITECTURES[FLOW_SIZES[name][0]]
+    family = arch.family
+    work = Path(tempfile.mkdtemp())
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+            transformer = cls.from_config({k: v for k, v in arch.transformer.items() if not k.startswith("_")})
+            vae = AutoencoderKL.from_config(M.VAE_16CH)
+        encoders = []
+        for config in arch.text_encoders:
+            if config.get("model_type") == "t5":
+                encoders.append(T5EncoderModel(T5Config(**config)))
+            else:
+                kind = CLIPTextModelWithProjection if "WithProjection" in config["architectures"][0] else CLIPTextModel
+                encoders.append(kind(CLIPTextConfig(**{k: v for k, v in config.items() if k != "architectures"})))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    clips = []
+    for i in range(2):
+        write_clip_tokenizer(work / f"tok{i}")
+        clips.append(CLIPTokenizer.from_pretrained(work / f"tok{i}"))
+    write_t5_tokenizer(work / "t5")
+    from transformers import AutoTokenizer
+
+    t5_tok = AutoTokenizer.from_pretrained(work / "t5")
+    scheduler = ({"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                  "base_image_seq_len": 256, "max_image_seq_len": 4096} if family == "flux" else {"shift": 3.0})
+    if family == "flux":
+        parts = dict(tokenizer=clips[0], text_encoder=encoders[0], tokenizer_2=t5_tok, text_encoder_2=encoders[1])
+    else:
+        parts = dict(tokenizer=clips[0], text_encoder=encoders[0], tokenizer_2=clips[1], text_encoder_2=encoders[1],
+                     tokenizer_3=t5_tok, text_encoder_3=encoders[2])
+    return Components(**parts, vae=vae, unet=None, transformer=transformer, scheduler=None,
+                      scheduler_config=scheduler, family=family, prediction_type="flow",
+                      source=f"{name}-architecture (random weights)", max_sequence_length=arch.t5_tokens)
 
 
 def sd15_components(device: str):
@@ -174,6 +242,7 @@ def reference(variant: str, size: str, batch: int, steps: int, warmup: int) -> d
     return {"variant": variant, "step_ms": 1000 * step, "samples_per_s": samples / step,
             "peak_mb": (torch.cuda.max_memory_allocated() if cuda else
                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+            "estimate_mb": None,
             "device": torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()}"}
 
 
@@ -192,6 +261,13 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
         components, resolution = sd15_components("cuda" if cuda else "cpu"), 512
     elif size == "sdxl":
         components, resolution = sdxl_components("cuda" if cuda else "cpu"), 1024
+    elif size in FLOW_SIZES:
+        components, resolution = flow_components(size, "cuda" if cuda else "cpu"), 1024
+    elif size in ("flux-tiny", "sd3-tiny"):
+        from conceptor.models.tiny import build_tiny_pipeline_folder
+
+        components = load_components(str(build_tiny_pipeline_folder(work / "m", size.split("-")[0])))
+        resolution = 32
     elif size == "bundled":
         components, resolution = load_components(str(api.bundled_model_path())), 64
     else:
@@ -201,6 +277,7 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
     method, section, extra = VARIANTS[variant]
     if size == "bundled" and method == "textual-inversion":
         section = {**section, "init_token": "object"}  # the toy vocabulary has no "toy"
+    extra = dict(extra)
     optim = {"use_8bit_adam": extra.pop("use_8bit_adam", False)}
     key = method.replace("-", "_")
     folder = images(work / "img", resolution, n=max(4, 2 * batch), captions=method == "finetune")
@@ -211,6 +288,15 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
         "train": {"output": str(work / "run"), "steps": steps + warmup, "batch_size": batch, "log_every": 1,
                   "checkpoint_every": 0, "mixed_precision": precision, **extra},
         key: section})
+    estimate = None
+    if components.flow is not None:  # the preflight estimate of this very plan, beside the measured peak
+        from conceptor.training import memory as M
+        from conceptor.training.preflight import plan_of
+
+        clips = tuple(te.config.to_dict() for _, te in components.clip_encoders)
+        arch = M.Architecture(components.family, dict(components.transformer.config), clips,
+                              dict(components.vae.config), components.max_sequence_length)
+        estimate = M.estimate_memory(arch, plan_of(cfg, arch, resolution)).total / 2**20
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     api.train(cfg, components)
@@ -222,12 +308,14 @@ def child(variant: str, size: str, batch: int, steps: int, warmup: int, precisio
     return {"variant": variant, "step_ms": 1000 * step, "samples_per_s": samples / step,
             "peak_mb": (torch.cuda.max_memory_allocated() if cuda else
                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+            "estimate_mb": estimate,
             "device": torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()}"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["sd15", "sdxl", "bundled", "tiny"], default="bundled")
+    ap.add_argument("--size", choices=["sd15", "sdxl", *FLOW_SIZES, "bundled", "tiny", "flux-tiny", "sd3-tiny"],
+                    default="bundled")
     ap.add_argument("--variants", default="ti,db-full,db-8bit-ckpt,lora,ft",
                     help="any of " + ",".join(VARIANTS) + ",ref-ti,ref-db-prior,ref-ft (ref-* = the seeds' recipe)")
     ap.add_argument("--batch-size", type=int, default=1)
@@ -245,7 +333,7 @@ def main() -> None:
     print(f"{args.size} model, batch {args.batch_size}, {args.mixed_precision} mixed precision, {args.steps} timed "
           f"steps after {args.warmup} warm-up; torch {torch.__version__}, {platform.machine()}, "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print("| variant | step (ms) | samples/s | peak memory (MB) | device |\n|---|---|---|---|---|")
+    print("| variant | step (ms) | samples/s | peak memory (MB) | estimate (MB) | device |\n|---|---|---|---|---|---|")
     for variant in args.variants.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", variant, "--size", args.size, "--batch-size",
                                str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -253,11 +341,12 @@ def main() -> None:
         if proc.returncode != 0:
             sys.stderr.write(f"--- {variant} failed:\n{proc.stderr[-4000:]}\n")
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            print(f"| {variant} | failed: {tail[:120]} | | | |", flush=True)
+            print(f"| {variant} | failed: {tail[:120]} | | | | |", flush=True)
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"| {variant} | {r['step_ms']:.1f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} | {r['device']} |",
-              flush=True)
+        est = "-" if r.get("estimate_mb") is None else f"{r['estimate_mb']:.0f}"
+        print(f"| {variant} | {r['step_ms']:.1f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} | {est} | "
+              f"{r['device']} |", flush=True)
 
 
 if __name__ == "__main__":
