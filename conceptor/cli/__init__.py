@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     log_handler = _StderrHandler()
     log_handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[log_handler], force=True)
+    # bitsandbytes (--quantize) logs a missing optional kernel package whenever diffusers imports it
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         try:
