@@ -239,3 +239,28 @@ def test_quantize_needs_a_lora(tiny_flux, concept_images, tmp_path, cli):
     code, _, err = cli("train", "dreambooth", "--model", tiny_flux, "--images", concept_images, "--instance-prompt",
                        "a sks toy", "--quantize", "nf4", "--steps", "1", "--output", tmp_path / "run")
     assert code == 2 and "--lora" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_hub_id_loads_from_the_cache_offline(tiny_flux, tmp_path):
+    """What users type (org/name) goes through the Hugging Face cache: a snapshot laid out as the hub client
+    writes it, read offline in a fresh process (the libraries read the cache location at import)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--someone--tiny-flux"
+    commit = "0123456789abcdef0123456789abcdef01234567"  # the hub client names snapshots by commit hash
+    shutil.copytree(tiny_flux, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "conceptor", "generate", "--model", "someone/tiny-flux", "--prompt",
+                           "a toy", "--steps", "1", "--output", str(tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "000-seed0.png").is_file()
+    proc = subprocess.run([sys.executable, "-m", "conceptor", "generate", "--model", "someone/not-cached",
+                           "--prompt", "x", "--output", str(tmp_path / "none")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2 and "HF_HUB_OFFLINE" in proc.stderr and "Traceback" not in proc.stderr
