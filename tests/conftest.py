@@ -63,3 +63,17 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from conceptor.models.tiny import build_tiny_pipeline_folder
 
     return build_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from conceptor.models.tiny import build_tiny_pipeline_folder
+
+    return build_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny") / "flux", "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    from conceptor.models.tiny import build_tiny_pipeline_folder
+
+    return build_tiny_pipeline_folder(tmp_path_factory.mktemp("tiny") / "sd3", "sd3")

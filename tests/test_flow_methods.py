@@ -14,16 +14,6 @@ from conceptor.models.tiny import build_tiny_pipeline_folder
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    return build_tiny_pipeline_folder(tmp_path_factory.mktemp("flux") / "m", "flux")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return build_tiny_pipeline_folder(tmp_path_factory.mktemp("sd3") / "m", "sd3")
-
-
-@pytest.fixture(scope="module")
 def tiny_schnell(tmp_path_factory):
     return build_tiny_pipeline_folder(tmp_path_factory.mktemp("schnell") / "m", "flux-schnell")
 

@@ -24,14 +24,19 @@ CASES = {
                                "a photo of a toy", "--num-class-images", "3", "--class-sampling-steps", "2",
                                "--lora", "--rank", "2", "--lora-text-encoder"],
                               "pytorch_lora_weights.safetensors"),
+    # Flux: the flow-matching loss draws noise and sigmas for the global batch the same way
+    "flux-lora-prior": (["dreambooth", "--instance-prompt", "a photo of sks toy", "--class-prompt",
+                         "a photo of a toy", "--num-class-images", "3", "--class-sampling-steps", "2",
+                         "--lora", "--rank", "2"], "pytorch_lora_weights.safetensors"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_equal_one_with_the_global_batch(case, tiny_sd1, concept_images, tmp_path):
+def test_two_processes_equal_one_with_the_global_batch(case, tiny_sd1, concept_images, tmp_path, request):
     method_args, output_file = CASES[case]
+    model = request.getfixturevalue("tiny_flux") if case.startswith("flux") else tiny_sd1
     (tmp_path / "sgd.yaml").write_text("optim:\n  adam_epsilon: 1.0\n")
-    common = ["train", *method_args, "--model", str(tiny_sd1), "--images", str(concept_images), "--steps", "3",
+    common = ["train", *method_args, "--model", str(model), "--images", str(concept_images), "--steps", "3",
               "--lr", "5e-2", "--checkpoint-every", "0", "--log-every", "1", "--seed", "5",
               "--config", str(tmp_path / "sgd.yaml")]
     if "--class-prompt" in method_args:  # one set of class images for both runs
