@@ -263,6 +263,9 @@ def _model_to_single_file(folder: Path, dst: Path) -> None:
     from ..models.load import resolve_model
 
     c = resolve_model(ModelConfig(model=str(folder)))
+    if c.flow is not None:
+        raise ConceptorError(f"{folder.name} is an {c.flow.title} model; the single-file checkpoint layout here is "
+                             "SD 1/2/XL's: use the diffusers folder itself")
     save_single_file_with_yaml(c.unet, c.vae, c.text_encoder, dst, c.family, c.prediction_type, c.scheduler_config,
                                text_encoder_2=c.text_encoder_2)
 
