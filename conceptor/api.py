@@ -92,9 +92,11 @@ class Model:
         c = self.components
         pair = len(c.clip_encoders) == 2  # SDXL and SD3 have CLIP-L and CLIP-G; SD 1/2 and Flux one CLIP
         if pair != (emb.vectors_2 is not None):
-            kinds = ("SDXL/SD3 (clip_l + clip_g)", "SD 1/2 or Flux (one CLIP encoder)")
-            raise ConceptorError(f"{Path(path).name} is an {kinds[emb.vectors_2 is None]} embedding but the model is "
-                                 f"{c.family}, which takes {kinds[not pair]} ones; use one made for this model family")
+            kind = "SDXL (clip_l + clip_g)" if emb.vectors_2 is not None else "SD 1/2 (one CLIP encoder)"
+            model = {"sd1": "SD 1/2", "sd2": "SD 1/2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}[c.family]
+            raise ConceptorError(f"{Path(path).name} is an {kind.split(' (')[0]} embedding but the model is {model}, "
+                                 f"which takes {'clip_l + clip_g' if pair else 'one-CLIP'} embeddings; use one made "
+                                 "for this model family")
         for (tok, te), v in zip(c.clip_encoders, (emb.vectors, emb.vectors_2)):
             add_tokens(tok, te, emb.token, v.to(te.dtype))
         self.tokens[emb.token] = emb.num_vectors

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from .tiny import DEFAULT_WORDS, write_clip_tokenizer, write_t5_tokenizer
+from .tiny_tokenizers import DEFAULT_WORDS, write_clip_tokenizer, write_t5_tokenizer
 
 FAMILIES = ("sd3", "flux", "flux-schnell")
 RESOLUTION = 32  # pixels: 4x4 latents, 2x2 tokens after SD3's patchify or Flux's packing
