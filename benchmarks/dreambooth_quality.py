@@ -1,7 +1,7 @@
 """DreamBooth on the bundled toy-world model: a shape it has never seen, full and LoRA, with and without
 prior preservation.
 
-    python benchmarks/dreambooth_quality.py [--steps 400] [--color red] [--eval-images 16]
+    python benchmarks/dreambooth_quality.py [--steps 400] [--color red] [--eval-images 16] [--model FOLDER]
 
 The subject is the arrow, kept out of pretraining entirely (world.HELDOUT_SHAPES): five renders in one
 colour, instance prompt "a photo of a sks object" ("sks" is three untrained character tokens, like the rare
@@ -65,6 +65,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="override every variant's learning rate")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--model", default=None, help="model folder (default: the bundled toy UNet model), e.g. "
+                    "conceptor/toyworld/flux_model")
+    ap.add_argument("--rank", type=int, default=None, help="override every LoRA variant's rank")
+    ap.add_argument("--lora-targets", default=None, choices=("attn", "attn-ff"), help="override LoRA variants'")
     ap.add_argument("--work", default=None, help="keep runs here (default: a temporary folder)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -81,17 +85,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp())
     images = subject_images(args.color, work / "subject")
-    base_retention, _ = prior_retention(api.load(None), load_evaluator(), CLASS, "arrow", n=args.eval_images)
+    base_retention, _ = prior_retention(api.load(args.model), load_evaluator(), CLASS, "arrow", n=args.eval_images)
     print(f"base model: class-prior retention {base_retention:.2f} (class-prompt images that are not an arrow)")
     rows = []
+    print(f"model: {args.model or 'bundled toy UNet model'}")
     print("| variant | lr | steps | train s | fidelity | similarity | editability | prior retention |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         section, lr = VARIANTS[name]
         lr = args.lr or lr
+        if section.get("lora"):
+            section = {**section, **({"rank": args.rank} if args.rank else {}),
+                       **({"lora_targets": args.lora_targets} if args.lora_targets else {})}
         out = work / name.replace("+", "-with-")
         cfg = build_config("dreambooth", None, {
-            "data": {"images": str(images)}, "optim": {"lr": lr},
+            "model": {"model": args.model}, "data": {"images": str(images)}, "optim": {"lr": lr},
             "train": {"output": str(out), "steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": 0,
                       "log_every": 10, "overwrite": True},
             "dreambooth": {"instance_prompt": INSTANCE, "class_images": str(work / "class") if "class_prompt" in
@@ -101,7 +109,8 @@ def main() -> None:
         api.train(cfg)
         train_s = time.time() - t0
         s = evaluate_run(out, n=args.eval_images, class_prompt=CLASS)
-        row = {"variant": name, "steps": args.steps, "train_s": round(train_s, 1), **{
+        row = {"variant": name, "lr": lr, "rank": section.get("rank"), "targets": section.get("lora_targets"),
+               "steps": args.steps, "train_s": round(train_s, 1), **{
             k: s[k] for k in ("fidelity", "similarity", "editability", "class_prior_retention")}}
         rows.append(row)
         print(f"| {name} | {lr:g} | {args.steps} | {row['train_s']} | {row['fidelity']:.2f} | "

@@ -255,3 +255,29 @@ def test_a_hub_id_loads_from_the_cache_offline(tiny_flux, tmp_path):
                            "--prompt", "x", "--output", str(tmp_path / "none")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 2 and "HF_HUB_OFFLINE" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_schnell_shaped_models_take_real_cfg_and_dev_refuses_negative_prompts(tiny_schnell, tiny_flux, tmp_path, cli):
+    """A Flux without a guidance embedding samples with true classifier-free guidance above scale 1 (and
+    takes a negative prompt); its default is 1, no extra pass. Flux.1-dev's guidance is its embedding."""
+    model = api.load(str(tiny_schnell))
+    assert model.default_guidance == 1.0
+    plain = model.generate("a red thing", steps=2, seed=1, width=32, height=32)[0]
+    guided = model.generate("a red thing", steps=2, seed=1, width=32, height=32, guidance=3.0)[0]
+    negative = model.generate("a red thing", steps=2, seed=1, width=32, height=32, guidance=3.0,
+                              negative_prompt="blue")[0]
+    assert plain.tobytes() != guided.tobytes() != negative.tobytes()
+    assert api.load(str(tiny_flux)).default_guidance == 3.5
+    code, _, err = cli("generate", "--model", tiny_flux, "--prompt", "x", "--negative-prompt", "blue",
+                       "--output", tmp_path / "out")
+    assert code == 2 and "negative" in err.strip().splitlines()[-1]
+
+
+def test_the_bundled_flux_toy_model_loads_and_draws():
+    from conceptor.toyworld import FLUX_MODEL_FOLDER
+
+    c = load_components(str(FLUX_MODEL_FOLDER))
+    assert c.family == "flux" and c.default_resolution == 64 and c.max_sequence_length == 24
+    assert c.default_guidance == 2.0  # measured best for it (docs/benchmarks.md)
+    image = api.load(str(FLUX_MODEL_FOLDER)).generate("a photo of a red circle", steps=4, seed=0)[0]
+    assert image.size == (64, 64)

@@ -11,6 +11,7 @@ from ..config import build_config, config_from_saved
 from ..errors import ConceptorError
 from ..fileio import atomic_path, write_text
 from ..methods import REGISTRY
+from ..toyworld import FLUX_MODEL_FOLDER
 from ..training.manifest import Manifest
 
 log = logging.getLogger("conceptor")
@@ -37,7 +38,8 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
     if not has_toyworld_evaluator():
         raise ConceptorError("the toy-world evaluator is not in this install; reinstall conceptor from its repo")
     base = model or cfg.get("model", {}).get("model")
-    if base is not None and Path(base).resolve() != Path(api.bundled_model_path() or "").resolve():
+    toy_models = {Path(api.bundled_model_path() or "").resolve(), FLUX_MODEL_FOLDER.resolve()}
+    if base is not None and Path(base).resolve() not in toy_models:
         log.warning("the toy-world evaluator only understands toy-world images; numbers for other models "
                     "are not meaningful")
     if method == "finetune":

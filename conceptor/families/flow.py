@@ -76,6 +76,14 @@ class FlowFamily:
         """Whether sampling takes a negative prompt (classifier-free guidance with a real unconditional pass)."""
         return True
 
+    def guidance_default(self, c) -> float:
+        """The guidance scale sampling uses when neither the user nor the model folder gives one."""
+        return self.default_guidance
+
+    def cfg_kwargs(self, c, guidance: float) -> dict:
+        """Extra pipeline arguments that turn classifier-free guidance on (SD3's pipeline needs none)."""
+        return {}
+
     def prepare_latents(self, c, latents: torch.Tensor) -> torch.Tensor:
         """Initial noise [B, C, h, w] -> the layout the pipeline's ``latents=`` takes."""
         return latents

@@ -84,7 +84,16 @@ class FluxFamily(FlowFamily):
         return names
 
     def supports_negative(self, c) -> bool:
-        return False  # FluxPipeline needs true_cfg_scale for one; distilled guidance is the normal use
+        # dev's guidance is distilled into an embedding; a model without one (schnell-shaped) can take real
+        # classifier-free guidance, which FluxPipeline runs as "true CFG" with negative embeddings
+        return not self.uses_guidance(c)
+
+    def guidance_default(self, c) -> float:
+        # dev: its embedding's 3.5; schnell: 1 = no CFG pass (it is distilled to sample without one)
+        return self.default_guidance if self.uses_guidance(c) else 1.0
+
+    def cfg_kwargs(self, c, guidance: float) -> dict:
+        return {"true_cfg_scale": guidance} if not self.uses_guidance(c) and guidance > 1 else {}
 
     def prepare_latents(self, c, latents):
         return pack(latents)

@@ -81,7 +81,7 @@ class Components:
     def default_guidance(self) -> float:
         if "guidance" in self.sampling:
             return float(self.sampling["guidance"])
-        return self.flow.default_guidance if self.flow is not None else DEFAULT_GUIDANCE
+        return self.flow.guidance_default(self) if self.flow is not None else DEFAULT_GUIDANCE
 
     @property
     def is_sdxl(self) -> bool:

@@ -92,8 +92,10 @@ def sample(components: Components, prompts: list[str], seeds: list[int], *, nega
     device, dtype = c.denoiser.device, c.denoiser.dtype
     extra = {} if flow is None else {"max_sequence_length": c.max_sequence_length}
     if flow is not None and negative_prompt and not flow.supports_negative(c):
-        raise ConceptorError(f"{flow.title} takes no negative prompt here (it is guidance-distilled); leave "
-                             "--negative-prompt out")
+        raise ConceptorError(f"{flow.title} with a guidance embedding (dev) takes no negative prompt: its guidance "
+                             "is distilled, there is no unconditional pass; leave --negative-prompt out")
+    if flow is not None:
+        extra.update(flow.cfg_kwargs(c, guidance))
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]

@@ -12,4 +12,5 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 MODEL_FOLDER = HERE / "model"  # diffusers StableDiffusionPipeline folder + recipe.json
+FLUX_MODEL_FOLDER = HERE / "flux_model"  # a Flux.1-shaped FluxPipeline folder (pretrain_flow.py) + recipe.json
 EVALUATOR_FOLDER = HERE / "evaluator"  # model.safetensors + config.json
