@@ -173,3 +173,18 @@ def test_ema_output_is_the_decayed_average(tiny_sd1, csv_dataset, tmp_path):
     assert any(not torch.equal(raw1["unet." + k], raw2[k]) for k in raw2)
     for k in raw2:
         assert torch.allclose(ema[k], 2 / 11 * raw1["unet." + k] + 9 / 11 * raw2[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_finetune_lora_on_flow_models_with_buckets(request, csv_dataset, tmp_path, family):
+    """The captioned-dataset method on SD3/Flux: captions (T5 and CLIP) cached, aspect buckets whose latents
+    Flux can pack (sides of 16 px), the transformer's LoRA in diffusers' layout."""
+    from conceptor.formats.lora import read_lora
+
+    model = request.getfixturevalue(f"tiny_{family}")
+    cfg = ft_config(csv_dataset, tmp_path / "run", tmp_path / "cache", model=model, steps=3,
+                    ft={"lora": True, "rank": 2, "buckets": True})
+    result = api.train(cfg)
+    lora = read_lora(result.output / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("transformer.") for k in lora)
+    assert any(up.abs().sum() > 0 for _, up in lora.values())

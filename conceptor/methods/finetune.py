@@ -23,6 +23,7 @@ from ..data.cache import TensorCache, default_cache_dir, fingerprint, key
 from ..data.captions import load_examples
 from ..data.images import pil_to_tensor
 from ..data.order import BucketBatches
+from ..errors import ConceptorError
 from ..models.adapters import add_adapters, load_trained_state, save_adapters, train_whole, trained_state
 from ..models.load import Components
 from ..models.save import save_pipeline
@@ -72,7 +73,11 @@ class Finetune:
         self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
         examples = load_examples(ft.dataset, ft.image_column, ft.caption_column, ft.skip_bad)
         resolution = cfg.data.resolution or components.default_resolution
-        step = 64 if resolution >= 256 else 8  # bucket sides: multiples of the VAE factor x 8 on real models
+        if ft.save_single_file and components.flow is not None:
+            raise ConceptorError("--save-single-file writes the SD 1/2/XL checkpoint layout; for SD3/Flux use the "
+                                 "diffusers folder the run writes")
+        # bucket sides: multiples of the VAE factor x 8 on real models; Flux packs 2x2 latents (16 px) at least
+        step = 64 if resolution >= 256 else (16 if components.flow is not None else 8)
         originals = [ex.size for ex in examples] if (ft.buckets or components.is_sdxl) else None
         if ft.buckets:
             buckets = make_buckets(resolution, ft.min_res or resolution // 2, ft.max_res or resolution * 2, step)
@@ -101,8 +106,8 @@ class Finetune:
                  sorted(bucket_ids), self.order.per_epoch, cfg.train.batch_size * per_step * self.shard.world,
                  cfg.train.batch_size, per_step, self.shard.world, cache_dir or "off")
 
-        unet = components.unet
-        params = (add_adapters({"unet": unet}, cfg.lora, None, cfg.train.seed) if self.lora
+        unet = components.denoiser  # the UNet, or SD3/Flux's transformer
+        params = (add_adapters(self._modules(), cfg.lora, None, cfg.train.seed, components.flow) if self.lora
                   else [{"params": train_whole(unet)}])
         unet.train()
         if cfg.train.gradient_checkpointing:
@@ -144,7 +149,7 @@ class Finetune:
         te_id = "+".join(fingerprint(te) for te in c.text_encoders)
 
         def encode_one(text: str) -> dict:
-            k = key("text", text, te_id, c.tokenizer.model_max_length)
+            k = key("text", text, te_id, c.tokenizer.model_max_length, *([c.max_sequence_length] if c.flow else []))
             hit = self.cache.get(k)
             if hit is None:
                 hidden, pooled = encode(c, token_ids(c, [text]))
@@ -170,7 +175,7 @@ class Finetune:
         crop_seed = torch.randint(0, 2**31 - 1, (1,), generator=generator).item()
         mine = self.shard.rows(n)
         if not mine:  # a short last batch can leave a process empty; it still joins the gradient average
-            return sum(p.sum() * 0.0 for p in self.c.unet.parameters() if p.requires_grad)
+            return sum(p.sum() * 0.0 for p in self.c.denoiser.parameters() if p.requires_grad)
         if self.latents is not None:
             mean = torch.stack([self.latents[idx[j]][0][int(flips[j])] for j in mine])
             std = torch.stack([self.latents[idx[j]][1][int(flips[j])] for j in mine])
@@ -184,7 +189,9 @@ class Finetune:
         text = [self.empty if drop[j] else self.hidden[idx[j]] for j in mine]
         hidden = torch.stack([t["hidden"] for t in text]).to(self.device)
         added = None
-        if self.c.is_sdxl:
+        if self.c.flow is not None:  # SD3/Flux: the pooled embedding rides in added_cond
+            added = {"pooled": torch.stack([t["pooled"] for t in text]).to(self.device)}
+        elif self.c.is_sdxl:
             added = {"text_embeds": torch.stack([t["pooled"] for t in text]).to(self.device),
                      "time_ids": torch.tensor([self.time_ids[idx[j]] for j in mine], dtype=torch.float32,
                                               device=self.device)}
@@ -193,16 +200,19 @@ class Finetune:
         return self.shard.mean(per_sample, n)
 
     # -- state and files -------------------------------------------------------------------------
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {self.c.denoiser_name: self.c.denoiser}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return trained_state({"unet": self.c.unet}, self.lora)
+        return trained_state(self._modules(), self.lora)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trained_state({"unet": self.c.unet}, state, self.lora)
+        load_trained_state(self._modules(), state, self.lora)
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
         folder = Path(folder)
         if self.lora:
-            return save_adapters({"unet": self.c.unet}, folder, step, final)
+            return save_adapters(self._modules(), folder, step, final)
         if not final:
             return []
         return save_pipeline(self.c, folder, self.cfg.model, False, self.ft.save_single_file)
