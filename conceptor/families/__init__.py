@@ -23,7 +23,8 @@ def flow_family(name: str) -> FlowFamily | None:
 
 
 def check_family_options(c, cfg) -> None:
-    """Refuse options that would silently do nothing on this model's family, in one line each."""
+    """Refuse options that would silently do nothing on this model's family, in one line each; then apply the
+    one model option that needs the family to mean anything (--max-sequence-length, T5's slots)."""
     from ..config import TrainConfig
     from ..errors import ConceptorError
 

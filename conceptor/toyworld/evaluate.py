@@ -90,10 +90,7 @@ def evaluate_model(folder: str | Path, n_per_prompt: int = 8, seed: int = 0, *, 
         images = sample(pipe, prompts, seeds, steps, guidance)
         pred = evaluator.predict(images)
         truth = [s for s in specs for _ in range(n_per_prompt)]
-        hits = {k: [getattr(pred, k)[i] == getattr(t, k) for i, t in enumerate(truth)] for k in KEYS}
-        table[split] = {k: round(sum(v) / len(v), 4) for k, v in hits.items()}
-        table[split]["all_three"] = round(sum(a and b and c for a, b, c in zip(
-            hits["shape"], hits["color"], hits["background"])) / len(truth), 4)
+        hits, table[split] = score(pred, truth, 4)
         for j, s in enumerate(specs):
             sl = slice(j * n_per_prompt, (j + 1) * n_per_prompt)
             table["per_prompt"].append({"split": split, "prompt": prompt_for(s),
@@ -132,6 +129,15 @@ def evaluate_vae(vae_folder: str | Path, n: int = 200, seed: int = 7, evaluator=
     out["mae"] = round(float((recon - x).abs().mean()), 4)
     out["color_confusions"] = dict(Counter(f"{s.color}->{c}" for s, c in zip(specs, pred.color) if s.color != c))
     return out
+
+
+def score(pred, truth: list[W.Spec], digits: int = 4) -> tuple[dict[str, list[bool]], dict[str, float]]:
+    """Per-image hits of each attribute, and the accuracies (with shape, colour and background all right)."""
+    hits = {k: [getattr(pred, k)[i] == getattr(t, k) for i, t in enumerate(truth)] for k in KEYS}
+    row = {k: round(sum(v) / len(v), digits) for k, v in hits.items()}
+    row["all_three"] = round(sum(a and b and c for a, b, c in zip(hits["shape"], hits["color"], hits["background"]))
+                             / len(truth), digits)
+    return hits, row
 
 
 def _save_grid(rows: list[list], path: str | Path) -> None:

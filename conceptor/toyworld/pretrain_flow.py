@@ -248,69 +248,30 @@ def pretrain(out: Path, recipe: dict, log_path: Path, deadline_min: float = 0, s
     say("done")
 
 
-@torch.no_grad()
-def sample_cfg(c, prompts: list[str], seeds: list[int], steps: int, cfg: float, batch: int = 64) -> list:
-    """Euler over the scheduler's sigmas (shift 1: 1 -> 0 linearly) with true CFG against "" (cfg 1: none).
-
-    The same noise as ``conceptor.sampling.pipeline.sample`` (one CPU generator per seed), so cfg 1 reproduces
-    what ``conceptor generate``/``eval`` draw on a Flux folder (they run FluxPipeline, which has no CFG
-    without a guidance embedding unless given a negative prompt and ``true_cfg_scale``)."""
-    from conceptor.models.text import encode, token_ids
-    from conceptor.sampling.pipeline import build_pipeline, decode
-
-    pipe = build_pipeline(c)
-    h = w = W.SIZE // c.vae_scale_factor
-    sigmas = c.flow.shift(c, torch.linspace(1.0, 0.0, steps + 1), W.SIZE, W.SIZE, None)  # fixed shift: 0 stays 0
-    images = []
-    uncond = encode(c, token_ids(c, [""]))
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        x = torch.cat([torch.randn((1, c.vae.config.latent_channels, h, w), generator=torch.Generator().manual_seed(s))
-                       for s in seeds[i:i + batch]])
-        hidden, pooled = encode(c, token_ids(c, chunk))
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            sig = torch.full((len(chunk),), float(s))
-            v = c.flow.predict(c, x, sig, hidden, pooled, None)
-            if cfg != 1:
-                vu = c.flow.predict(c, x, sig, uncond[0].expand_as(hidden), uncond[1].expand_as(pooled), None)
-                v = vu + cfg * (v - vu)
-            x = x + (s_next - s) * v
-        images += decode(c, pipe, x)
-    return images
-
-
 def evaluate(folder: Path, n_per_prompt: int, steps: int, cfgs: list[float], seed: int = 0,
              grid: Path | None = None) -> list[dict]:
-    """The toy evaluator's accuracies (evaluate.py's prompts and seeds) on samples at each true-CFG scale;
-    at cfg 1 also through ``conceptor.sampling.pipeline.sample`` (FluxPipeline), the path conceptor uses."""
+    """The toy evaluator's accuracies (evaluate.py's prompts and seeds) on samples drawn the way conceptor
+    draws them (``sample``: FluxPipeline, with true classifier-free guidance above scale 1), per guidance scale."""
     from conceptor.models.load import load_components
     from conceptor.sampling.pipeline import sample
 
-    from .evaluate import KEYS, _save_grid, prompt_for, prompt_specs
+    from .evaluate import _save_grid, prompt_for, prompt_specs, score
     from .evaluator import load_evaluator
 
     evaluator = load_evaluator()
     c = load_components(str(folder)).frozen()
     rows = []
-    for cfg in [("pipeline", 1.0)] + [("euler", x) for x in cfgs]:
-        row = {"sampler": cfg[0], "cfg": cfg[1], "steps": steps}
+    for cfg in [1.0] + [x for x in cfgs if x != 1.0]:
+        row = {"cfg": cfg, "steps": steps}
         t0 = time.time()
         for split, specs in prompt_specs(seed).items():
             prompts = [prompt_for(s) for s in specs for _ in range(n_per_prompt)]
             seeds = [seed * 100_000 + i for i in range(len(prompts))]
-            if cfg[0] == "pipeline":
-                images = sample(c, prompts, seeds, steps=steps, batch_size=64)
-            else:
-                images = sample_cfg(c, prompts, seeds, steps, cfg[1])
-            pred = evaluator.predict(images)
-            truth = [s for s in specs for _ in range(n_per_prompt)]
-            hits = {k: [getattr(pred, k)[i] == getattr(t, k) for i, t in enumerate(truth)] for k in KEYS}
-            row[split] = {k: round(sum(v) / len(v), 3) for k, v in hits.items()}
-            row[split]["all_three"] = round(sum(a and b and d for a, b, d in zip(
-                hits["shape"], hits["color"], hits["background"])) / len(truth), 3)
+            images = sample(c, prompts, seeds, steps=steps, guidance=cfg, batch_size=64)
+            _, row[split] = score(evaluator.predict(images), [s for s in specs for _ in range(n_per_prompt)], 3)
             if grid and split == "seen":
                 _save_grid([images[j:j + n_per_prompt] for j in range(0, len(images), n_per_prompt)],
-                           grid.with_name(f"{grid.stem}_{cfg[0]}_cfg{cfg[1]:g}.png"))
+                           grid.with_name(f"{grid.stem}_cfg{cfg:g}.png"))
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
