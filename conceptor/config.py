@@ -59,10 +59,28 @@ class ModelConfig:
 class DataConfig:
     images: str | None = opt(None, "folder of training images (img.txt beside img.png = its caption)",
                              metavar="DIR", input=True, only=("textual-inversion", "dreambooth"))
+    dataset: str | None = opt(None, "kohya dataset config (.toml: subsets, repeats, captions, masks, buckets), or "
+                                    "one captioned source: a CSV (image_path,caption), a folder with metadata.jsonl "
+                                    "or .txt captions, a datasets save_to_disk folder, a hub dataset name",
+                              metavar="FILE|SRC", input=True)
+    image_column: str | None = opt(None, "--dataset CSV/jsonl/datasets: the image column", metavar="C")
+    caption_column: str | None = opt(None, "--dataset CSV/jsonl/datasets: the caption column", metavar="C")
+    skip_bad: bool = opt(False, "skip (and count) unreadable images and empty rows instead of stopping")
     resolution: int | None = opt(None, "training size in pixels, multiple of 8 (default: the model's)")
     center_crop: bool = opt(False, "crop the centre square before resizing")
-    flip_p: float | None = opt(None, "probability of a horizontal flip (default 0.5; finetune: 0)")
-    repeats: int = opt(100, "images x repeats = one shuffled epoch (default 100)")
+    flip_p: float | None = opt(None, "probability of a horizontal flip (default 0.5; finetune: 0; a dataset "
+                                     "config sets flip_aug per subset)")
+    repeats: int | None = opt(None, "images x repeats = one shuffled epoch (default 100; finetune 1; a dataset "
+                                    "config sets num_repeats per subset)")
+    buckets: bool = opt(False, "aspect-ratio buckets instead of square images")
+    min_res: int | None = opt(None, "smallest bucket side (default resolution/2)", metavar="N")
+    max_res: int | None = opt(None, "largest bucket side (default resolution*2)", metavar="N")
+    masks: bool = opt(False, "masked loss: NAME_mask.png beside each image (white = the concept, black = the rest)")
+    mask_weight: float = opt(0.0, "loss weight outside the masks (default 0: the rest is not learned)", metavar="F")
+
+    def dataset_file(self) -> bool:
+        """--dataset names a kohya dataset config (rather than one captioned source)."""
+        return bool(self.dataset) and str(self.dataset).lower().endswith(".toml")
 
 
 @dataclass
@@ -157,6 +175,7 @@ class MethodSpec:
     lr: float  # default learning rate (the seeds')
     lora_lr: float | None = None  # default with --lora; None: the method trains no adapters
     flip_p: float = 0.5  # default horizontal-flip probability
+    repeats: int = 100  # default --repeats (images x repeats = one epoch)
     checks: Callable[["RunConfig"], list[tuple[bool, str]]] = lambda cfg: []
 
     @property
@@ -210,6 +229,8 @@ class RunConfig:
 # The first configs kept LoRA settings in the method's section; files and callers written then still work.
 _LEGACY_LORA_KEYS = {"lora": "enabled", "rank": "rank", "alpha": "alpha", "lora_targets": "targets",
                      "lora_text_encoder": "text_encoder"}
+# finetune's section held its data source and buckets until every method had them (issue 21).
+_LEGACY_DATA_KEYS = ("dataset", "image_column", "caption_column", "skip_bad", "buckets", "min_res", "max_res")
 
 
 def _lift_legacy_lora(section: str, values: dict[str, Any]) -> tuple[dict, dict]:
@@ -241,6 +262,12 @@ def build_config(method: str | MethodSpec, file_values: dict[str, Any] | None,
                 raise ConceptorError(f"config section {name!r} must be a mapping of key: value")
             if not from_file:
                 values = {k: v for k, v in values.items() if v is not None}
+            if name == spec.section and any(k in values for k in _LEGACY_DATA_KEYS):
+                lifted = {k: values[k] for k in _LEGACY_DATA_KEYS if k in values}
+                values = {k: v for k, v in values.items() if k not in lifted}
+                if from_file:
+                    check_types("data", DataConfig, lifted)
+                merged["data"].update(lifted)
             if name == spec.section and spec.adapters:
                 values, lifted = _lift_legacy_lora(name, values)
                 if from_file:
@@ -260,8 +287,21 @@ def build_config(method: str | MethodSpec, file_values: dict[str, Any] | None,
     cfg = RunConfig(method=spec.name, model=sections["model"], data=sections["data"], optim=sections["optim"],
                     train=sections["train"], lora=sections.get("lora"), section=spec.section,
                     options=sections[spec.section])
+    d = cfg.data
+    if d.dataset_file():  # the file says these per subset/dataset; a flag too would be one of two truths
+        given = [flag for flag, v in (("--images", d.images), ("--flip-p", d.flip_p), ("--repeats", d.repeats),
+                                      ("--buckets", d.buckets), ("--min-res", d.min_res), ("--max-res", d.max_res),
+                                      ("--center-crop", d.center_crop), ("--masks", d.masks),
+                                      ("--image-column", d.image_column), ("--caption-column", d.caption_column))
+                 if v not in (None, False)]
+        if given:
+            raise ConceptorError(f"{given[0]} and --dataset {d.dataset} both describe the data; set it in the dataset "
+                                 "config (flip_aug, num_repeats, enable_bucket, min/max_bucket_reso, masks, "
+                                 "image_column ... per dataset or subset) or leave --dataset out")
     if cfg.data.flip_p is None:
         cfg.data.flip_p = spec.flip_p
+    if cfg.data.repeats is None and not d.dataset_file():
+        cfg.data.repeats = spec.repeats
     if cfg.optim.lr is None:
         cfg.optim.lr = spec.lora_lr if cfg.lora is not None and cfg.lora.enabled else spec.lr
     validate(cfg, spec)
@@ -305,7 +345,11 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
         (d.resolution is None or (d.resolution > 0 and d.resolution % 8 == 0),
          f"--resolution {d.resolution} must be a positive multiple of 8 (e.g. 512)"),
         (0.0 <= d.flip_p <= 1.0, "--flip-p must be between 0 and 1"),
-        (d.repeats >= 1, "--repeats must be at least 1"),
+        (d.repeats is None or d.repeats >= 1, "--repeats must be at least 1"),
+        (not (d.images and d.dataset), "give --images (a folder) or --dataset (a dataset config or source), not both"),
+        (d.min_res is None or d.max_res is None or d.min_res <= d.max_res, "--min-res must be <= --max-res"),
+        (d.min_res is None or d.min_res > 0, "--min-res must be positive"),
+        (d.mask_weight >= 0, "--mask-weight must be >= 0 (0: outside the mask is not learned, 1: no mask)"),
         (t.epochs is None or t.epochs >= 1, "--epochs must be at least 1"),
     ]
     checks.append((t.quantize is None or cfg.lora is None or cfg.lora.enabled,

@@ -1,4 +1,7 @@
-"""Command line: ``conceptor train|generate|convert|eval|info|demo|ui``. Parse, then call the API; nothing else here."""
+"""Command line: ``conceptor train|generate|convert|eval|info|dataset|demo|ui``.
+
+Parse, then call the API; nothing else here.
+"""
 from __future__ import annotations
 
 import argparse
@@ -36,13 +39,13 @@ def _close_progress_bars() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, demo, eval, generate, info, toyworld, train, ui
+    from . import convert, dataset, demo, eval, generate, info, toyworld, train, ui
 
     parser = _Parser(prog="conceptor", description="Teach Stable Diffusion new concepts and generate with them.")
     parser.add_argument("--version", action="version", version=f"conceptor {__import__('conceptor').__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (train, generate, convert, eval, info, demo, toyworld, ui):
+    for module in (train, generate, convert, eval, info, dataset, demo, toyworld, ui):
         module.add_parser(sub)
     return parser
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         try:
-            args.handler(args)
+            code = args.handler(args)  # a handler may return an exit code (dataset check: 2 on problems)
         except BaseException:
             _close_progress_bars()
             raise
@@ -80,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are kept (resume with --resume latest)", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0

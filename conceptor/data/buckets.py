@@ -36,15 +36,15 @@ def center_crop_offset(size: tuple[int, int], target: tuple[int, int]) -> tuple[
     return (nh - target[1]) // 2, (nw - target[0]) // 2
 
 
-def fit(image: Image.Image, size: tuple[int, int], crop: str = "center", rng: random.Random | None = None
-        ) -> tuple[Image.Image, tuple[int, int]]:
+def fit(image: Image.Image, size: tuple[int, int], crop: str = "center", rng: random.Random | None = None,
+        resample=Image.BICUBIC) -> tuple[Image.Image, tuple[int, int]]:
     """Resize to cover ``size`` (keeping aspect), then crop to it; returns the image and the crop's
     (top, left) (SDXL conditions on it; SD 1/2 ignore it)."""
     w, h = image.size
     bw, bh = size
     scale = max(bw / w, bh / h)
     nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    image = image.resize((nw, nh), resample=Image.BICUBIC)
+    image = image.resize((nw, nh), resample=resample)
     if crop == "random":
         rng = rng or random.Random(0)
         left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)

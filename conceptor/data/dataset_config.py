@@ -4,7 +4,10 @@ The file is TOML: ``[general]``, then ``[[datasets]]``, each with ``[[datasets.s
 ``[general]`` or a dataset applies to the subsets below it unless they set their own (kohya's "ascendable"
 options). A kohya user's file reads unchanged; an option kohya has that conceptor does not implement is refused
 by name, never ignored, and so is a name neither knows (a typo would otherwise do nothing). conceptor adds keys
-only where kohya has none: ``token`` (the new token of a textual-inversion subset).
+only where kohya has none: ``token``/``init_token`` (the new token of a textual-inversion subset and the word it
+starts from), ``masks``/``mask_dir`` (a ``NAME_mask.png`` sidecar per image: white is the concept, black the rest),
+``source`` with ``image_column``/``caption_column`` (a CSV, a folder with metadata.jsonl or a saved ``datasets``
+folder, as ``conceptor train finetune --dataset`` reads them).
 """
 from __future__ import annotations
 
@@ -27,7 +30,10 @@ SUBSET_OPTIONS: dict[str, tuple[Any, type | tuple]] = {
     "keep_tokens": (0, int), "caption_separator": (",", str), "caption_prefix": (None, str),
     "caption_suffix": (None, str), "caption_dropout_rate": (0.0, (int, float)),
     "caption_tag_dropout_rate": (0.0, (int, float)), "flip_aug": (False, bool), "alpha_mask": (False, bool),
-    "token": (None, str),  # conceptor's: the new token a textual-inversion subset trains
+    # conceptor's own keys (kohya has none for these):
+    "token": (None, str), "init_token": (None, str),  # the new token of a textual-inversion subset, its start word
+    "masks": (False, bool), "mask_dir": (None, str),  # NAME_mask.png beside each image (or in mask_dir)
+    "source": (None, str), "image_column": (None, str), "caption_column": (None, str),  # data/captions.py sources
 }
 # Dataset options (they apply to every subset of the dataset).
 DATASET_OPTIONS: dict[str, tuple[Any, type | tuple]] = {
@@ -62,7 +68,19 @@ class Subset:
     caption_tag_dropout_rate: float
     flip_aug: bool
     alpha_mask: bool
-    token: str | None
+    token: str | None = None
+    init_token: str | None = None
+    masks: bool = False
+    mask_dir: Path | None = None
+    source: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+
+    @property
+    def name(self) -> str:
+        """What messages call the subset: its folder or source and its place in the file."""
+        what = self.image_dir or self.source or self.metadata_file
+        return f"{self.where} ({what})" if what else self.where
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,8 @@ class Dataset:
     max_bucket_reso: int
     bucket_reso_steps: int
     subsets: list[Subset] = field(default_factory=list)
+    config_given: bool = True  # False: the one dataset the flags describe (bucket sizes follow --resolution)
+    batch_size_given: bool = False  # the file sets batch_size (it then sets the run's --batch-size)
 
 
 def _check_keys(table: dict, allowed: set[str], file: str, where: str) -> None:
@@ -149,8 +169,15 @@ def read_dataset_config(path: str | Path) -> list[Dataset]:
             sw = f"{where}.subsets[{j}]"
             _check_keys(sub, set(SUBSET_OPTIONS), file, sw)
             v = {k: _value(k, [sub, ds, general], SUBSET_OPTIONS, file, sw) for k in SUBSET_OPTIONS}
-            if v["image_dir"] is None and v["metadata_file"] is None:
-                raise ConceptorError(f"{file}: {sw}: needs image_dir (a folder of images) or metadata_file")
+            if sum(v[k] is not None for k in ("image_dir", "metadata_file", "source")) == 0:
+                raise ConceptorError(f"{file}: {sw}: needs image_dir (a folder of images), metadata_file or source")
+            if v["source"] is not None and v["image_dir"] is not None:
+                raise ConceptorError(f"{file}: {sw}: give image_dir or source, not both (a source names its images)")
+            if (v["image_column"] or v["caption_column"]) and v["source"] is None:
+                raise ConceptorError(f"{file}: {sw}: image_column/caption_column name columns of a source; add "
+                                     "source = 'data.csv' or remove them")
+            if v["mask_dir"] is not None and not v["masks"]:
+                raise ConceptorError(f"{file}: {sw}: mask_dir is set but masks is not; add masks = true")
             if v["num_repeats"] < 1:
                 raise ConceptorError(f"{file}: {sw}: num_repeats is {v['num_repeats']}; it must be at least 1")
             if v["keep_tokens"] < 0:
@@ -160,6 +187,11 @@ def read_dataset_config(path: str | Path) -> list[Dataset]:
                     raise ConceptorError(f"{file}: {sw}: {rate} is {v[rate]}; it must be between 0 and 1")
             v["image_dir"] = _path(v["image_dir"], p.parent, file, sw, "image_dir")
             v["metadata_file"] = _path(v["metadata_file"], p.parent, file, sw, "metadata_file")
+            v["mask_dir"] = _path(v["mask_dir"], p.parent, file, sw, "mask_dir")
+            src = v["source"]
+            if src is not None and (src.count("/") != 1 or src.startswith((".", "/", "~")) or src.endswith(".csv")
+                                    or Path(src).expanduser().exists() or (p.parent / src).exists()):
+                v["source"] = str(_path(src, p.parent, file, sw, "source"))  # local; "user/name": a hub dataset
             name = v["token"] or v["class_tokens"]
             if name is not None:
                 if name in roles and roles[name][0] != v["is_reg"]:
@@ -170,5 +202,6 @@ def read_dataset_config(path: str | Path) -> list[Dataset]:
             subsets.append(Subset(where=sw, **v))
         if not subsets:
             raise ConceptorError(f"{file}: {where} has no [[datasets.subsets]]")
-        out.append(Dataset(where=where, resolution=size, subsets=subsets, **settings))
+        out.append(Dataset(where=where, resolution=size, subsets=subsets,
+                           batch_size_given="batch_size" in ds or "batch_size" in general, **settings))
     return out

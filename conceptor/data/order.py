@@ -59,3 +59,27 @@ class BucketBatches:
     def __call__(self, micro_index: int) -> list[int]:
         epoch, pos = divmod(micro_index, self.per_epoch)
         return list(self._epoch(epoch)[pos])
+
+
+class EntryOrder:
+    """Micro-batches over one epoch's entries (item indices, repeated by their subsets' ``num_repeats``).
+
+    With one training size it is ``batch_indices``' shuffled stream (a batch may run into the next epoch, as the
+    seeds'); with several (buckets), or when asked (``by_bucket``), ``BucketBatches``: a batch never mixes sizes.
+    """
+
+    def __init__(self, entries: list[int], size_of: list, batch_size: int, seed: int, by_bucket: bool | None = None):
+        self.entries, self.batch_size, self.seed = entries, batch_size, seed
+        keys = sorted({size_of[i] for i in entries})
+        self.by_bucket = len(keys) > 1 if by_bucket is None else by_bucket
+        if self.by_bucket:
+            ids = {k: n for n, k in enumerate(keys)}
+            self.batches = BucketBatches([ids[size_of[i]] for i in entries], batch_size, seed)
+            self.per_epoch = self.batches.per_epoch
+        else:
+            self.per_epoch = -(-len(entries) // batch_size)
+
+    def __call__(self, micro_index: int) -> list[int]:
+        if self.by_bucket:
+            return [self.entries[k] for k in self.batches(micro_index)]
+        return [self.entries[k] for k in batch_indices(micro_index, self.batch_size, len(self.entries), 1, self.seed)]

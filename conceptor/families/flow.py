@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from ..training import flow as F
+from ..training.diffusion import weighted_mean
 
 # Parts a flow pipeline may have, in the order the pipelines take them.
 PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3",
@@ -147,7 +148,7 @@ def settings_of(train) -> FlowSettings:
 
 def flow_loss_at(c, family: FlowFamily, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
                  hidden: torch.Tensor, pooled: torch.Tensor, weighting: str, guidance: float,
-                 x0_loss: bool | None = None) -> torch.Tensor:
+                 x0_loss: bool | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample loss for given latents, noise and sigmas: what diffusers' SD3/Flux scripts compute.
 
     ``x0_loss`` (diffusers' SD3 ``--precondition_outputs``, on there by default): compare the implied clean
@@ -161,11 +162,13 @@ def flow_loss_at(c, family: FlowFamily, x0: torch.Tensor, noise: torch.Tensor, s
         err = (pred * -s + noisy.float() - x0.float()) ** 2
     else:
         err = (pred - F.flow_target(x0, noise).float()) ** 2
-    return (F.loss_weight(weighting, sigmas).to(err.device).view(-1, *[1] * (err.ndim - 1)) * err).flatten(1).mean(1)
+    err = F.loss_weight(weighting, sigmas).to(err.device).view(-1, *[1] * (err.ndim - 1)) * err
+    return weighted_mean(err, weight)  # weight: a mask on the latent grid (masked loss), or None
 
 
 def flow_loss(c, latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor, s: FlowSettings,
-              generator: torch.Generator, rows: tuple[Sequence[int], int] | None = None) -> torch.Tensor:
+              generator: torch.Generator, rows: tuple[Sequence[int], int] | None = None,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample flow-matching loss of a batch: noise and positions drawn for the whole global batch
     (``rows=(indices, total)`` as in methods/denoise.py), so N processes train what one would."""
     family = c.flow
@@ -177,4 +180,4 @@ def flow_loss(c, latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tens
     h, w = (n * c.vae_scale_factor for n in latents.shape[-2:])
     sigmas = family.shift(c, u, h, w, s.flow_shift).to(latents.device)
     return flow_loss_at(c, family, latents, noise, sigmas, hidden, pooled, s.loss_weighting, s.guidance_scale,
-                        s.x0_loss)
+                        s.x0_loss, weight)

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from ..data.dataset import TrainingSet
 from ..models.load import Components
 from ..models.vae import switched_to_fp32
 from ..sampling.pipeline import check_vae_memory
@@ -54,37 +55,72 @@ def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 class LatentSet:
-    """Posteriors of ``n`` images, and of their mirror images when flips are on."""
+    """Posteriors of some items of a TrainingSet (and of their mirror images when flips are on), and their masks
+    on the latent grid. Items of one training size are encoded together; a batch drawn from it never mixes
+    sizes (data/order.py)."""
 
-    def __init__(self, components: Components, pixels: torch.Tensor, flip: bool, desc: str = "caching latents"):
-        self.n = len(pixels)
-        if flip:
-            pixels = torch.cat([pixels, pixels.flip(-1)])
-        mean, std = encode_latent_stats(components.vae, pixels, desc=desc)
-        self.mean = mean.view(-1, self.n, *mean.shape[1:])  # [1 or 2 (flipped), n, C, h, w]
-        self.std = std.view(-1, self.n, *std.shape[1:])
-        self.vae = components.vae
+    def __init__(self, components: Components, data: TrainingSet, indices: list[int], flip: bool,
+                 desc: str = "caching latents"):
+        self.vae, self.n, self.index = components.vae, len(indices), {i: k for k, i in enumerate(indices)}
+        # One [1 or 2 (flipped), m, C, h, w] block per training size; item k is block place[k][0], row place[k][1].
+        # Batches index a block as one tensor (never a stack of items), which keeps the VAE's memory layout.
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.place: list[tuple[int, int]] = [None] * self.n
+        self.masks: list[torch.Tensor | None] = [None] * self.n  # per item [1 or 2, 1, h, w], or None
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for k, i in enumerate(indices):
+            by_size.setdefault(data.items[i].size, []).append(k)
+        for members in by_size.values():
+            pixels = torch.stack([data.pixels(indices[k]) for k in members])
+            if flip:
+                pixels = torch.cat([pixels, pixels.flip(-1)])
+            mean, std = encode_latent_stats(components.vae, pixels, desc=desc)
+            mean, std = mean.view(-1, len(members), *mean.shape[1:]), std.view(-1, len(members), *std.shape[1:])
+            for j, k in enumerate(members):
+                self.place[k] = (len(self.blocks), j)
+                m = data.mask(indices[k])
+                if m is not None:  # the share of each latent cell the concept covers (area average)
+                    m = torch.nn.functional.adaptive_avg_pool2d(m[None], mean.shape[-2:])[0]
+                    self.masks[k] = torch.stack([m, m.flip(-1)]) if flip else m[None]
+            self.blocks.append((mean, std))
 
-    def sample(self, index: list[int], flip_p: float, generator: torch.Generator,
-               rows: range | None = None) -> torch.Tensor:
-        """Scaled latents of images ``index``, each flipped with probability ``flip_p``.
+    def sample(self, index: list[int], flip_p: float, generator: torch.Generator, rows: range | None = None,
+               mask_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scaled latents of items ``index`` (TrainingSet indices), each flipped with probability ``flip_p``, and
+        their loss weights per latent cell (1 on the mask, ``mask_weight`` off it; None when no item is masked).
 
         Flips and noise are drawn for all of ``index`` (a global batch); ``rows`` keeps this process's part.
         """
         b = len(index)
-        flips = (torch.rand(b, generator=generator) < flip_p).long() if flip_p > 0 and len(self.mean) > 1 \
+        block = {self.place[self.index[i]][0] for i in index}
+        if len(block) > 1:
+            raise ValueError("a batch mixes training sizes; data/order.py batches one size at a time")
+        mean_all, std_all = self.blocks[block.pop()]
+        flips = (torch.rand(b, generator=generator) < flip_p).long() if _any(flip_p) and len(mean_all) > 1 \
             else torch.zeros(b, dtype=torch.long)
-        eps = torch.randn((b, *self.mean.shape[2:]), generator=generator)
+        eps = torch.randn((b, *mean_all.shape[2:]), generator=generator)
         keep = slice(None) if rows is None else slice(rows.start, rows.stop)
-        idx = torch.tensor(index)[keep]
-        mean, std = self.mean[flips[keep], idx], self.std[flips[keep], idx]
-        return scale_latents(self.vae, mean + std * eps[keep].to(mean.device))
+        ks = [self.index[i] for i in index][keep]
+        rows_in_block = torch.tensor([self.place[k][1] for k in ks])
+        mean, std = mean_all[flips[keep], rows_in_block], std_all[flips[keep], rows_in_block]
+        latents = scale_latents(self.vae, mean + std * eps[keep].to(mean.device))
+        fl = flips[keep].tolist()
+        if all(self.masks[k] is None for k in ks):
+            return latents, None
+        ones = torch.ones_like(mean[0, :1])
+        m = torch.stack([ones if self.masks[k] is None else self.masks[k][f].to(ones.device) for k, f in zip(ks, fl)])
+        return latents, m + mask_weight * (1 - m)
+
+
+def _any(p: float | torch.Tensor) -> bool:
+    return bool((torch.as_tensor(p) > 0).any())
 
 
 def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.Tensor, train: TrainConfig,
                    generator: torch.Generator, rows: tuple[Sequence[int], int] | None = None,
-                   added_cond: dict | None = None) -> torch.Tensor:
-    """Per-sample diffusion loss (noise, timestep, UNet prediction, min-SNR weight) of a batch, fp32.
+                   added_cond: dict | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample diffusion loss (noise, timestep, UNet prediction, min-SNR weight) of a batch, fp32; ``weight``
+    (per latent cell, from LatentSet.sample) masks it.
 
     ``rows=(indices, total)``: ``latents`` are those rows of a global batch of ``total`` split across
     processes; noise and timesteps are drawn for all ``total`` rows and indexed, so N processes with
@@ -94,7 +130,7 @@ def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.
     if c.flow is not None:  # SD3, Flux: rectified flow, the pooled embedding rides in added_cond
         from ..families.flow import flow_loss, settings_of
 
-        return flow_loss(c, latents, hidden, added_cond["pooled"], settings_of(train), generator, rows)
+        return flow_loss(c, latents, hidden, added_cond["pooled"], settings_of(train), generator, rows, weight)
     acp = c.scheduler.alphas_cumprod.to(latents.device)
     indices, total = rows or (range(len(latents)), len(latents))
     pick = torch.as_tensor(list(indices), dtype=torch.long)
@@ -108,7 +144,7 @@ def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.
         added_cond = {k: v.to(dtype) for k, v in added_cond.items()}
     pred = c.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added_cond).sample
     target = D.target_for(c.prediction_type, latents, noise, t, acp)
-    per_sample = D.mse_per_sample(pred, target)
+    per_sample = D.mse_per_sample(pred, target, weight)
     if train.snr_gamma:
         per_sample = per_sample * D.min_snr_weight(D.snr(t, acp), train.snr_gamma, c.prediction_type)
     return per_sample

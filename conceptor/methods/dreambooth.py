@@ -15,8 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import MethodSpec, RunConfig, opt
-from ..data.images import IMAGE_EXTS, list_images, load_image, to_tensor
-from ..data.order import batch_indices
+from ..data.dataset import caption_rng, realise, shorthand, with_subset
+from ..data.images import IMAGE_EXTS, list_images
+from ..data.order import EntryOrder
 from ..errors import ConceptorError
 from ..fileio import atomic_path
 from ..models.adapters import (
@@ -33,6 +34,7 @@ from ..models.text import added_conditioning, encode, token_ids
 from ..sampling.pipeline import check_vae_memory
 from ..training.method import Setup, Shard
 from .denoise import LatentSet, denoising_loss
+from .trainset import any_flips, datasets_of, flip_probabilities, training_set
 
 log = logging.getLogger("conceptor")
 
@@ -85,8 +87,11 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
     db, lora = cfg.options, cfg.lora
     images = cfg.data.images
     return [
-        (images is not None, "--images is required: a folder with 3-20 pictures of your concept"),
-        (bool(db.instance_prompt), "--instance-prompt is required, e.g. 'a photo of sks toy'"),
+        (images or cfg.data.dataset, "--images is required: a folder with 3-20 pictures of your concept (or "
+                                     "--dataset: a kohya dataset config or a captioned source)"),
+        (bool(db.instance_prompt) or not images, "--instance-prompt is required, e.g. 'a photo of sks toy'"),
+        (not (db.instance_prompt and cfg.data.dataset_file()),
+         "--instance-prompt does nothing with a dataset config: set class_tokens per subset there"),
         (db.num_class_images >= 1, "--num-class-images must be at least 1"),
         (db.class_sampling_steps >= 1, "--class-sampling-steps must be at least 1"),
         (db.prior_loss_weight >= 0, "--prior-loss-weight must be >= 0"),
@@ -112,31 +117,39 @@ class DreamBooth:
         if db.save_single_file and components.flow is not None:
             raise ConceptorError("--save-single-file writes the SD 1/2/XL checkpoint layout; for SD3/Flux use the "
                                  "diffusers folder the run writes")
-        resolution = cfg.data.resolution or components.default_resolution
-
-        # Before any image is resized to that size (PIL alone would allocate it), not after.
-        check_vae_memory(components.vae, 1, resolution, resolution, f"--resolution {resolution}", "VAE encoder")
-
-        def latents(paths, desc):
-            pixels = torch.stack([to_tensor(load_image(p), resolution, cfg.data.center_crop) for p in paths])
-            return LatentSet(components, pixels, flip=cfg.data.flip_p > 0, desc=desc)
-
-        self.instance = latents(list_images(cfg.data.images), "caching instance latents")
-        self.prior = None
+        datasets, source = datasets_of(cfg, class_tokens=db.instance_prompt or None, captions=None)
+        class_paths = None
         if db.class_prompt:  # before any weight changes: class images show what the base model knows
             folder = Path(db.class_images) if db.class_images else Path(cfg.train.output) / "class_images"
-            paths = ensure_class_images(components, folder, db.class_prompt, db.num_class_images,
-                                        steps=db.class_sampling_steps, guidance=db.class_guidance,
-                                        seed=cfg.train.seed)
-            self.prior = latents(paths, "caching class latents")
+            class_paths = ensure_class_images(components, folder, db.class_prompt, db.num_class_images,
+                                              steps=db.class_sampling_steps, guidance=db.class_guidance,
+                                              seed=cfg.train.seed)
+            generated = shorthand("class images", image_dir=str(folder), class_tokens=db.class_prompt,
+                                  caption_extension=None, flip=cfg.data.flip_p > 0, is_reg=True).subsets[0]
+            datasets = [with_subset(datasets[0], generated)] + datasets[1:]
+        ts = self.data = training_set(cfg, components, datasets, source)
+        if class_paths is not None:  # the folder may hold more than --num-class-images: use those asked for
+            keep, reg = {Path(p).resolve() for p in class_paths}, len(datasets[0].subsets) - 1
+            ts.items = [it for it in ts.items if it.subset != reg or it.example.path.resolve() in keep]
+        for i, it in enumerate(ts.items):
+            if it.caption is None and not ts.subset_of(i).class_tokens:
+                raise ConceptorError(f"{source}: {ts.subset_of(i).name}: {it.example.where} has no caption file "
+                                     "and the subset no class_tokens; give it class_tokens (e.g. 'sks dog')")
+        # Before any image is resized to its size (PIL alone would allocate it), not after.
+        w, h = max((it.size for it in ts.items), key=lambda s: s[0] * s[1])
+        check_vae_memory(components.vae, 1, h, w, f"--resolution {max(w, h)}", "VAE encoder")
+        flip = any_flips(ts, cfg.data.flip_p)
+        self.instance = LatentSet(components, ts, ts.indices(False), flip, "caching instance latents")
+        self.prior = LatentSet(components, ts, ts.indices(True), flip, "caching class latents") \
+            if ts.indices(True) else None
+        sizes = [it.size for it in ts.items]
+        n = cfg.train.batch_size * shard.world
+        self.order = EntryOrder(ts.entries(False), sizes, n, cfg.train.seed)
+        # A stream of its own (seed + 1) so the class images cycle independently of the instances.
+        self.prior_order = EntryOrder(ts.entries(True), sizes, n, cfg.train.seed + 1) if self.prior else None
 
-        self.resolution = resolution
-        prompts = {"instance": db.instance_prompt, "class": db.class_prompt or ""}
-        self.ids = {k: token_ids(components, [v]) for k, v in prompts.items()}
         self.text_trains = db.train_text_encoder or cfg.lora.text_encoder
-        if not self.text_trains:  # frozen text encoder(s): both prompts are encoded once
-            with torch.no_grad():
-                self.encoded = {k: encode(components, v) for k, v in self.ids.items()}
+        self._encoded: dict[str, tuple] = {}  # caption -> (hidden, pooled), while the text encoders are frozen
 
         denoiser = components.denoiser
         groups = []
@@ -162,36 +175,67 @@ class DreamBooth:
         return Setup(groups)
 
     # -- per step --------------------------------------------------------------------------------
-    def _text(self, kind: str, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden, pooled) of a prompt for ``b`` rows: cached, or encoded now when the encoder trains."""
+    def _captions(self, index: list[int], micro_index: int, first_row: int = 0) -> list[str]:
+        """Each row's caption this step: its own or its subset's class_tokens, through the subset's caption
+        options (prefix/suffix, shuffle with keep_tokens, tag and caption dropout)."""
+        ts, seed = self.data, self.cfg.train.seed
+        return [realise(ts.items[i].caption or ts.subset_of(i).class_tokens, ts.subset_of(i),
+                        caption_rng(seed, micro_index, first_row + row)) for row, i in enumerate(index)]
+
+    def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, pooled) of the rows' captions: encoded now when an encoder trains, else once per caption."""
         if self.text_trains:
-            hidden, pooled = encode(self.c, [ids.expand(b, -1) for ids in self.ids[kind]])
-        else:
-            hidden, pooled = self.encoded[kind]
-            hidden = hidden.expand(b, -1, -1)
-            pooled = pooled.expand(b, -1) if pooled is not None else None
+            return encode(self.c, token_ids(self.c, captions))
+        with torch.no_grad():
+            for text in captions:
+                if text not in self._encoded:
+                    if len(self._encoded) > 4096:  # shuffled captions: keep memory bounded
+                        self._encoded.clear()
+                    self._encoded[text] = encode(self.c, token_ids(self.c, [text]))
+        hidden = torch.cat([self._encoded[t][0] for t in captions])
+        pooled = torch.cat([self._encoded[t][1] for t in captions]) if self._encoded[captions[0]][1] is not None \
+            else None
         return hidden, pooled
 
+    def _added(self, pooled: torch.Tensor | None, item: int) -> dict | None:
+        """SDXL's size conditioning at item ``item``'s training size (a batch shares one size)."""
+        w, h = self.data.items[item].size
+        return added_conditioning(self.c, pooled, (h, w))
+
     def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
-        cfg, shard = self.cfg, self.shard
-        n = cfg.train.batch_size * shard.world  # the global batch: n instance rows, then n class rows
+        cfg, shard, ts = self.cfg, self.shard, self.data
+        idx = self.order(micro_index)  # the global batch: n instance rows, then n class rows
+        n = len(idx)
         mine = shard.rows(n)
-        idx = batch_indices(micro_index, n, self.instance.n, cfg.data.repeats, cfg.train.seed)
-        latents = [self.instance.sample(idx, cfg.data.flip_p, generator, rows=mine)]
-        text = [self._text("instance", len(mine))]
-        rows = list(mine)
+        if not mine:  # a short last batch of a bucket can leave a process empty; it still joins the average
+            return sum(p.sum() * 0.0 for g in self._modules().values() for p in g.parameters() if p.requires_grad)
+        weight = cfg.data.mask_weight
+        parts = [self.instance.sample(idx, flip_probabilities(ts, idx, cfg.data.flip_p), generator, rows=mine,
+                                      mask_weight=weight)]
+        text = [self._text(self._captions([idx[j] for j in mine], micro_index))]
         if self.prior is not None:
-            # A stream of its own (seed + 1) so the class images cycle independently of the instances.
-            cidx = batch_indices(micro_index, n, self.prior.n, 1, cfg.train.seed + 1)
-            latents.append(self.prior.sample(cidx, cfg.data.flip_p, generator, rows=mine))
-            text.append(self._text("class", len(mine)))
-            rows += [n + j for j in mine]
+            cidx = self.prior_order(micro_index)[:n]
+            parts.append(self.prior.sample(cidx, flip_probabilities(ts, cidx, cfg.data.flip_p), generator,
+                                           rows=mine))
+            text.append(self._text(self._captions([cidx[j] for j in mine], micro_index, first_row=n)))
+        b = len(mine)
+        # instance and class captions encoded apart: the same batches (and so the same numbers) as before subsets
         hidden = torch.cat([h for h, _ in text])
         pooled = torch.cat([p for _, p in text]) if text[0][1] is not None else None
-        per_sample = denoising_loss(self.c, torch.cat(latents).to(self.device), hidden, cfg.train, generator,
-                                    rows=(rows, len(rows) * shard.world),
-                                    added_cond=added_conditioning(self.c, pooled, self.resolution))
-        b = len(mine)
+        latents = [x for x, _ in parts]
+        if len(parts) == 1 or latents[0].shape == latents[1].shape:  # one forward pass over [instance | class]
+            weights = [w if w is not None else torch.ones_like(x[:, :1]) for x, w in parts]
+            rows = list(mine) + ([n + j for j in mine] if len(parts) > 1 else [])
+            per_sample = denoising_loss(self.c, torch.cat(latents).to(self.device), hidden, cfg.train, generator,
+                                        rows=(rows, len(rows) * shard.world), added_cond=self._added(pooled, idx[0]),
+                                        weight=None if all(w is None for _, w in parts) else torch.cat(weights))
+        else:  # instance and class images of different sizes (buckets): one pass each
+            per_sample = torch.cat([
+                denoising_loss(self.c, x.to(self.device), hidden[k * b:(k + 1) * b], cfg.train, generator,
+                               rows=(mine, n), weight=w,
+                               added_cond=self._added(None if pooled is None else pooled[k * b:(k + 1) * b],
+                                                      (idx if k == 0 else cidx)[0]))
+                for k, (x, w) in enumerate(parts)])
         loss = shard.mean(per_sample[:b], n)
         if self.prior is not None:
             loss = loss + self.db.prior_loss_weight * shard.mean(per_sample[b:], n)

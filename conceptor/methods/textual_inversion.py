@@ -7,14 +7,15 @@ whole embedding matrix (see models/tokens.py). The text encoder still runs every
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import MethodSpec, RunConfig, opt
-from ..data.images import list_images, load_image, read_caption, to_tensor
-from ..data.order import batch_indices
+from ..data.dataset import caption_rng, realise
+from ..data.order import EntryOrder
 from ..data.templates import fill, load_templates
 from ..errors import ConceptorError
 from ..formats.embeddings import Embedding, write_embedding
@@ -24,6 +25,7 @@ from ..models.tokens import add_tokens, check_new_token, expand_prompt, initiali
 from ..sampling.pipeline import check_vae_memory
 from ..training.method import Setup, Shard
 from .denoise import LatentSet, denoising_loss
+from .trainset import any_flips, datasets_of, flip_probabilities, training_set
 
 log = logging.getLogger("conceptor")
 
@@ -39,10 +41,12 @@ class TextualInversionConfig:
 
 def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
     ti = cfg.options
+    file = cfg.data.dataset_file()  # subsets may name their own token and init_token there
     return [
-        (cfg.data.images is not None, "--images is required: a folder with 3-20 pictures of your concept"),
-        (bool(ti.token), "--token is required, e.g. --token '<cat-toy>'"),
-        (bool(ti.init_token), "--init-token is required: one word close to the concept, e.g. toy"),
+        (cfg.data.images or cfg.data.dataset, "--images is required: a folder with 3-20 pictures of your concept "
+                                              "(or --dataset: a kohya dataset config or a captioned source)"),
+        (bool(ti.token) or file, "--token is required, e.g. --token '<cat-toy>'"),
+        (bool(ti.init_token) or file, "--init-token is required: one word close to the concept, e.g. toy"),
         (1 <= ti.vectors <= 64, "--vectors must be between 1 and 64"),
         (ti.what in ("object", "style"), "--what must be object or style"),
     ]
@@ -55,50 +59,77 @@ class TextualInversion:
               shard: Shard = Shard()) -> Setup:
         ti = cfg.textual_inversion
         self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
-        self.token, self.num_vectors = ti.token, ti.vectors
+        self.num_vectors = ti.vectors
+        datasets, source = datasets_of(cfg, captions="auto", token=ti.token or None)
+        ts = self.data = training_set(cfg, components, datasets, source)
+        # Each subset trains its own token (a dataset config may name several: several concepts in one run).
+        self.tokens: list[str] = []
+        inits: dict[str, str] = {}
+        for sub in ts.subsets:
+            if sub.is_reg:
+                raise ConceptorError(f"{source}: {sub.name} is a regularisation subset; textual inversion trains only "
+                                     "its tokens' vectors, which class captions never contain, so it would do nothing")
+            token, init = sub.token or ti.token, sub.init_token or ti.init_token
+            if not token or not init:
+                raise ConceptorError(f"{source}: {sub.name} needs token and init_token (or --token/--init-token)")
+            if token not in inits:
+                self.tokens.append(token)
+            elif inits[token] != init:
+                raise ConceptorError(f"{source}: {sub.name} starts {token} from {init!r} but another subset from "
+                                     f"{inits[token]!r}; give one init_token per token")
+            inits[token] = init
+        self.token = self.tokens[0]
         clips = components.clip_encoders  # SDXL/SD3: the token goes into both CLIP vocabularies (T5 stays as is)
         for tok, _ in clips:
-            for name in token_names(ti.token, ti.vectors):
-                check_new_token(tok, name)
-        init_ids = [initializer_id(tok, ti.init_token) for tok, _ in clips]
+            for token in self.tokens:
+                for name in token_names(token, ti.vectors):
+                    check_new_token(tok, name)
+        init_ids = [[initializer_id(tok, inits[t]) for t in self.tokens] for tok, _ in clips]
         templates = load_templates(ti.what, ti.templates)
 
-        resolution = cfg.data.resolution or components.default_resolution
-        paths = list_images(cfg.data.images)
-        images = [load_image(p) for p in paths]
-        # A sidecar caption replaces the templates for its image ("{}" or the token marks the concept).
+        # Per item: its caption (a sidecar "{}" or the token marks the concept), its subset's class_tokens, or the
+        # templates; and the token its "{}" stands for.
         self.captions: list[list[str]] = []
-        for p in paths:
-            caption = read_caption(p)
-            if caption is not None and "{}" not in caption and ti.token not in caption:
-                raise ConceptorError(f"caption {p.with_suffix('.txt')} must contain {ti.token} or {{}} where the "
-                                     "concept goes")
-            self.captions.append([caption] if caption else templates)
+        self.item_token: list[str] = []
+        texts: dict[str, tuple[str, str]] = {}
+        for i, it in enumerate(ts.items):
+            sub = ts.subset_of(i)
+            token = sub.token or ti.token
+            own = it.caption or sub.class_tokens
+            if own is not None and "{}" not in own and token not in own:
+                what = f"caption of {it.example.where}" if it.caption else f"class_tokens of {sub.name}"
+                raise ConceptorError(f"{what} must contain {token} or {{}} where the concept goes")
+            self.captions.append([own] if own else templates)
+            self.item_token.append(token)
+            if own:
+                texts[fill(own, token)] = (token, f"caption of {it.example.where}")
+            else:
+                texts.update({fill(t, token): (token, f"template {t[:40]!r}" + (f" of {ti.templates}"
+                                                                                  if ti.templates else ""))
+                              for t in templates})
         # A token cut off at the encoder's limit gets no gradient: torch would stop at the first step with
         # "element 0 of tensors does not require grad". Say which text, before minutes of set-up.
-        texts = {c[0]: f"caption {p.with_suffix('.txt')}" for p, c in zip(paths, self.captions) if c is not templates}
-        if any(c is templates for c in self.captions):
-            texts.update({t: f"template {t[:40]!r}" + (f" of {ti.templates}" if ti.templates else "")
-                          for t in templates})
-        for text, source in texts.items():
-            check_token_fits(components, fill(text, ti.token), ti.token, ti.vectors, source)
+        for text, (token, where) in texts.items():
+            check_token_fits(components, text, token, ti.vectors, where)
         # Before any image is resized: at --resolution 200000 PIL alone would ask for 160 GB.
-        check_vae_memory(components.vae, 1, resolution, resolution, f"--resolution {resolution}", "VAE encoder")
+        w, h = max((it.size for it in ts.items), key=lambda s: s[0] * s[1])
+        check_vae_memory(components.vae, 1, h, w, f"--resolution {max(w, h)}", "VAE encoder")
+        self.latents = LatentSet(components, ts, list(range(len(ts.items))), any_flips(ts, cfg.data.flip_p))
+        self.order = EntryOrder(ts.entries(False), [it.size for it in ts.items], cfg.train.batch_size * shard.world,
+                                cfg.train.seed)
 
-        pixels = torch.stack([to_tensor(im, resolution, cfg.data.center_crop) for im in images])
-        self.latents = LatentSet(components, pixels, flip=cfg.data.flip_p > 0)
-        n = self.num_items = len(paths)
-        self.resolution = resolution
-
-        # One trained row block per CLIP encoder; SDXL and SD3 train both (the 768- and the 1280-wide one).
+        # One trained row block per CLIP encoder (SDXL and SD3 train both, the 768- and the 1280-wide one); each
+        # block holds every token's vectors, in self.tokens order.
         self.embeddings = []
-        for (tok, te), init_id in zip(clips, init_ids):
-            init = te.get_input_embeddings().weight[init_id].detach().float()
-            self.embeddings.append(add_tokens(tok, te, ti.token, init.repeat(ti.vectors, 1)))
-        self.first_trained_row = self.embeddings[0].new.shape[0] - ti.vectors
+        for (tok, te), ids in zip(clips, init_ids):
+            for token, init_id in zip(self.tokens, ids):
+                init = te.get_input_embeddings().weight[init_id].detach().float()
+                emb = add_tokens(tok, te, token, init.repeat(ti.vectors, 1))
+            self.embeddings.append(emb)
+        self.first_trained_row = self.embeddings[0].new.shape[0] - ti.vectors * len(self.tokens)
         self._ids_cache: dict[str, list[torch.Tensor]] = {}
-        log.info("textual inversion: %d image(s) at %dpx, token %s x%d vector(s) initialised from %r%s",
-                 n, resolution, ti.token, ti.vectors, ti.init_token,
+        log.info("textual inversion: %d image(s), token(s) %s x%d vector(s) initialised from %s%s",
+                 len(ts.items), ", ".join(self.tokens), ti.vectors, ", ".join(repr(inits[t]) for t in self.tokens),
                  " in both CLIP text encoders" if len(clips) > 1 else "")
         return Setup([{"params": [e.new for e in self.embeddings]}])
 
@@ -112,20 +143,27 @@ class TextualInversion:
                 for k in range(len(self.c.tokenizers))]
 
     def loss(self, micro_index: int, generator: torch.Generator) -> torch.Tensor:
-        cfg, shard = self.cfg, self.shard
-        n = cfg.train.batch_size * shard.world  # the global batch; this process encodes and denoises its rows
-        idx = batch_indices(micro_index, n, self.num_items, cfg.data.repeats, cfg.train.seed)
+        cfg, shard, ts = self.cfg, self.shard, self.data
+        idx = self.order(micro_index)  # the global batch; this process encodes and denoises its rows
+        n = len(idx)
         choice = torch.randint(0, 1 << 30, (n,), generator=generator).tolist()
         mine = shard.rows(n)
-        prompts = [fill(self.captions[idx[j]][choice[j] % len(self.captions[idx[j]])], self.token) for j in mine]
-        latents = self.latents.sample(idx, cfg.data.flip_p, generator, rows=mine).to(self.device)
+        if not mine:  # a short last batch of a bucket can leave a process empty; it still joins the average
+            return sum(e.new.sum() * 0.0 for e in self.embeddings)
+        prompts = [realise(fill(self.captions[idx[j]][choice[j] % len(self.captions[idx[j]])], self.item_token[idx[j]]),
+                           ts.subset_of(idx[j]), caption_rng(cfg.train.seed, micro_index, j)) for j in mine]
+        latents, weight = self.latents.sample(idx, flip_probabilities(ts, idx, cfg.data.flip_p), generator, rows=mine,
+                                              mask_weight=cfg.data.mask_weight)
         hidden, pooled = encode(self.c, self._ids(prompts))
-        added = added_conditioning(self.c, pooled, self.resolution)
-        per_sample = denoising_loss(self.c, latents, hidden, cfg.train, generator, rows=(mine, n), added_cond=added)
+        w, h = ts.items[idx[0]].size
+        added = added_conditioning(self.c, pooled, (h, w))
+        per_sample = denoising_loss(self.c, latents.to(self.device), hidden, cfg.train, generator, rows=(mine, n),
+                                    added_cond=added, weight=weight)
         return shard.mean(per_sample, n)
 
     # -- state and files -------------------------------------------------------------------------
     def vectors(self, k: int = 0) -> torch.Tensor:
+        """Every token's trained rows in encoder ``k`` (its tokens in self.tokens order, ``vectors`` rows each)."""
         return self.embeddings[k].new[self.first_trained_row:].detach().float().cpu()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -137,21 +175,34 @@ class TextualInversion:
             v = state.get(key)
             if v is None or v.shape != self.vectors(k).shape:
                 raise ConceptorError(f"checkpoint holds {None if v is None else tuple(v.shape)} {key} but this run "
-                                     f"trains {tuple(self.vectors(k).shape)}; resume with the same --vectors and model")
+                                     f"trains {tuple(self.vectors(k).shape)}; resume with the same --vectors, tokens "
+                                     "and model")
             with torch.no_grad():
                 self.embeddings[k].new[self.first_trained_row:] = v.to(self.embeddings[k].new.device)
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
-        sdxl = len(self.embeddings) > 1
-        emb = Embedding(token=self.token, vectors=self.vectors(), vectors_2=self.vectors(1) if sdxl else None)
-        name = "learned_embeds.safetensors" if final else f"learned_embeds-steps-{step}.safetensors"
-        path = Path(folder) / name
-        # SDXL: one {"clip_l", "clip_g"} file, what A1111, ComfyUI and kohya load.
-        write_embedding(emb, path, "kohya" if sdxl else "diffusers")
-        return [path]
+        """One embedding file per token (what A1111, ComfyUI and diffusers load: one token each); one token keeps
+        the seeds' name learned_embeds.safetensors, several are learned_embeds-<token>.safetensors."""
+        sdxl, v = len(self.embeddings) > 1, self.num_vectors
+        out = []
+        for t, token in enumerate(self.tokens):
+            rows = slice(t * v, (t + 1) * v)
+            emb = Embedding(token=token, vectors=self.vectors()[rows],
+                            vectors_2=self.vectors(1)[rows] if sdxl else None)
+            stem = "learned_embeds" if len(self.tokens) == 1 else f"learned_embeds-{slug(token)}"
+            path = Path(folder) / (f"{stem}.safetensors" if final else f"{stem}-steps-{step}.safetensors")
+            # SDXL: one {"clip_l", "clip_g"} file, what A1111, ComfyUI and kohya load.
+            write_embedding(emb, path, "kohya" if sdxl else "diffusers")
+            out.append(path)
+        return out
 
     def prompt(self, text: str) -> str:
-        return expand_prompt(text, {self.token: self.num_vectors})
+        return expand_prompt(text, {token: self.num_vectors for token in self.tokens})
+
+
+def slug(token: str) -> str:
+    """A token as a file-name part: <cat-toy> -> cat-toy."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", token).strip(".-") or "token"
 
 
 SPEC = MethodSpec(name="textual-inversion", section="textual_inversion", options=TextualInversionConfig,

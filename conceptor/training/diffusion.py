@@ -57,9 +57,20 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
     return noise + strength * shift.to(noise.device, noise.dtype)
 
 
-def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of each sample, in fp32 (the simple loss of Ho et al. 2020, eq. 14)."""
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+def mse_per_sample(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of each sample, in fp32 (the simple loss of Ho et al. 2020, eq. 14); with ``weight``
+    (per latent pixel, broadcast over channels) the weighted mean, so a mask's loss is per pixel that counts."""
+    return weighted_mean((pred.float() - target.float()).pow(2), weight)
+
+
+def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean of ``err`` [B, ...], or its ``weight``-weighted mean (masked loss: weight 1 on the concept,
+    ``--mask-weight`` elsewhere). Normalised by the weights' sum, unlike kohya's loss * mask, so a small mask
+    does not quietly lower the learning rate."""
+    if weight is None:
+        return err.flatten(1).mean(1)
+    w = weight.to(err.device, torch.float32).expand_as(err)
+    return (w * err).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
