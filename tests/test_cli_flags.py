@@ -72,6 +72,9 @@ def test_every_train_flag_reaches_the_saved_config(method, action):
     if flag in argv:  # a required flag under test: replace its value
         i = argv.index(flag)
         del argv[i:i + 2]
+    if flag == "--dataset" and "--images" in argv:  # one or the other describes the data
+        i = argv.index("--images")
+        del argv[i:i + 2]
     if flag == "--class-images":  # needs prior preservation on to be valid
         argv += ["--class-prompt", "a photo of a toy"]
         base = _config(base_argv + ["--class-prompt", "a photo of a toy"])

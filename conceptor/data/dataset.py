@@ -254,6 +254,16 @@ def _subset_items(sub: Subset, k: int, where: str, skip_bad: bool) -> list[Item]
     if sub.masks:
         for it in items:
             it.mask = _mask_file(it.example.path, sub) if it.example.path is not None else None
+            if it.mask is not None:  # its size now (the header alone), not minutes later while caching latents
+                try:
+                    with Image.open(it.mask) as m:
+                        size = m.size
+                except (OSError, ValueError, SyntaxError) as e:
+                    raise ConceptorError(f"{where}: cannot read mask {it.mask.name}: {e}") from None
+                if size != tuple(it.example.size):
+                    raise ConceptorError(f"{where}: mask {it.mask.name} is {size[0]}x{size[1]} but its image "
+                                         f"{it.example.where} is {it.example.size[0]}x{it.example.size[1]}; a mask "
+                                         "must be the size of its image")
     return items
 
 
