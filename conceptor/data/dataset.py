@@ -37,6 +37,7 @@ class Item:
     caption: str | None  # its own caption (sidecar file, metadata row); None: the subset's class_tokens/templates
     mask: Path | None = None  # its NAME_mask.png (alpha masks come from the image itself)
     size: tuple[int, int] | None = None  # (width, height) it trains at: set by TrainingSet.assign_sizes
+    caption_from: str = ""  # where its caption was read (a caption file's path, a row): what messages name
 
 
 @dataclass
@@ -176,19 +177,19 @@ def _mask_file(image: Path, sub: Subset) -> Path | None:
     return None
 
 
-def _sidecar(image: Path, extension: str | None) -> str | None:
+def _sidecar(image: Path, extension: str | None) -> tuple[str | None, Path | None]:
     """kohya: the caption file NAME + caption_extension; the shorthand reads .txt or .caption ("auto")."""
     if extension is None:
-        return None
+        return None, None
     exts = (".txt", ".caption") if extension == "auto" else (extension,)
     for ext in exts:
         p = image.with_name(image.stem + ext) if ext.startswith(".") else image.with_suffix("." + ext)
         if p.is_file():
             try:
-                return p.read_text(encoding="utf-8").strip() or None
+                return p.read_text(encoding="utf-8").strip() or None, p
             except UnicodeDecodeError:
                 raise ConceptorError(f"caption {p} is not UTF-8 text; re-save it as UTF-8") from None
-    return None
+    return None, None
 
 
 def _folder_images(folder: Path, where: str) -> list[Path]:
@@ -232,14 +233,14 @@ def _subset_items(sub: Subset, k: int, where: str, skip_bad: bool) -> list[Item]
             examples = load_examples(sub.source, sub.image_column, sub.caption_column, skip_bad)
         except ConceptorError as e:
             raise ConceptorError(f"{where}: {e}") from None
-        items = [Item(ex, k, ex.caption or None) for ex in examples]
+        items = [Item(ex, k, ex.caption or None, caption_from=ex.where) for ex in examples]
     else:
         if sub.metadata_file is not None:
-            pairs = _kohya_metadata(sub, where)
+            pairs = [(p, c, f"{Path(sub.metadata_file).name} ({p.name})") for p, c in _kohya_metadata(sub, where)]
         else:
-            pairs = [(p, _sidecar(p, sub.caption_extension)) for p in _folder_images(sub.image_dir, where)]
+            pairs = [(p, *_sidecar(p, sub.caption_extension)) for p in _folder_images(sub.image_dir, where)]
         items = []
-        for path, caption in pairs:
+        for path, caption, caption_from in pairs:
             ex = Example(caption=caption or "", path=path, where=path.name)
             try:
                 ex.size = ex.image().size
@@ -248,7 +249,7 @@ def _subset_items(sub: Subset, k: int, where: str, skip_bad: bool) -> list[Item]
                     raise ConceptorError(f"{where}: {e}") from None
                 log.warning("skipping %s: %s", path, e)
                 continue
-            items.append(Item(ex, k, caption))
+            items.append(Item(ex, k, caption, caption_from=str(caption_from or "")))
     if not items:
         raise ConceptorError(f"{where} has no usable images; check its folder or source")
     if sub.masks:

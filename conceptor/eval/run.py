@@ -28,7 +28,7 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
     """Scores of a textual-inversion, DreamBooth or fine-tuning run (full or LoRA); writes eval.json and
     eval-*.png grids."""
     from .. import api
-    from ..data.images import list_images, load_image
+    from ..data.images import load_image
     from ..toyworld.evaluator import load_evaluator
     from .concept import evaluate, has_toyworld_evaluator, identify, prior_retention
 
@@ -46,28 +46,68 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
         scores, sets = _finetune_scores(run, cfg, base, n=n, seed=seed, steps=steps, guidance=guidance)
         _write(run, scores, sets)
         return scores
+    concepts = _concepts(cfg)
     if method == "textual-inversion":
-        embedding = run / "learned_embeds.safetensors"
-        if not embedding.is_file():
+        embeddings = sorted(run.glob("learned_embeds*.safetensors"))
+        embeddings = [p for p in embeddings if "-steps-" not in p.name]
+        if not embeddings:
             raise ConceptorError(f"{run} has no learned_embeds.safetensors yet; finish or resume the run first")
-        loaded, subject = api.load(base, [embedding]), cfg["textual_inversion"]["token"]
+        loaded = api.load(base, embeddings)
     else:
-        db = cfg["dreambooth"]
-        subject = subject_of(db["instance_prompt"])
-        class_prompt = class_prompt or db.get("class_prompt")
+        class_prompt = class_prompt or cfg["dreambooth"].get("class_prompt")
         loaded = _trained_model(run, base, bool(cfg.get("lora", {}).get("enabled")))
     evaluator = load_evaluator()
-    reference = [load_image(p) for p in list_images(cfg["data"]["images"])]
-    identity = identify(evaluator, reference)
-    scores, sets = evaluate(loaded, evaluator, subject, reference, n=n, seed=seed, steps=steps, guidance=guidance,
-                            identity=identity)
-    scores = {"method": method, "subject": subject, **scores}
+    results, sets = [], {}
+    for k, (subject, paths) in enumerate(concepts):
+        reference = [load_image(p) for p in paths]
+        identity = identify(evaluator, reference)
+        scores, images = evaluate(loaded, evaluator, subject, reference, n=n, seed=seed, steps=steps,
+                                  guidance=guidance, identity=identity)
+        results.append({"subject": subject, **scores})
+        sets.update({(name if k == 0 else f"{name}-{k + 1}"): v for name, v in images.items()})
+    scores = {"method": method, **results[0]}
+    if len(results) > 1:  # a dataset config with several concepts: each scored on its own subset's images
+        scores["concepts"] = results
     if method == "dreambooth" and class_prompt:
         scores["class_prompt"] = class_prompt
         scores["class_prior_retention"], sets["class"] = prior_retention(
-            loaded, evaluator, class_prompt, identity[0], n=n, seed=seed, steps=steps, guidance=guidance)
+            loaded, evaluator, class_prompt, identity_of(evaluator, concepts[0][1])[0], n=n, seed=seed, steps=steps,
+            guidance=guidance)
     _write(run, scores, sets)
     return scores
+
+
+def identity_of(evaluator, paths) -> tuple[str, str]:
+    from ..data.images import load_image
+    from .concept import identify
+
+    return identify(evaluator, [load_image(p) for p in paths])
+
+
+def _concepts(cfg: dict) -> list[tuple[str, list]]:
+    """(subject, its training images) per concept: the flags' one, or each concept subset of a dataset."""
+    from ..data.dataset import load_training_set, read_training_set, shorthand
+    from ..data.images import list_images
+
+    d, method = cfg["data"], cfg["method"]
+    own = cfg.get("textual_inversion", {}).get("token") if method == "textual-inversion" else \
+        subject_of(cfg["dreambooth"].get("instance_prompt") or "")
+    if d.get("images"):
+        return [(own, list_images(d["images"]))]
+    ts = read_training_set(d["dataset"]) if str(d["dataset"]).lower().endswith(".toml") else \
+        load_training_set([shorthand("--dataset", source=d["dataset"], image_column=d.get("image_column"),
+                                     caption_column=d.get("caption_column"))], "--dataset", skip_bad=True)
+    out = []
+    for k, sub in enumerate(ts.subsets):
+        if sub.is_reg:
+            continue
+        subject = (sub.token or own) if method == "textual-inversion" else subject_of(sub.class_tokens or own)
+        paths = [it.example.path for it in ts.items if it.subset == k and it.example.path is not None]
+        if subject and paths and subject not in [s for s, _ in out]:
+            out.append((subject, paths))
+    if not out:
+        raise ConceptorError(f"{d['dataset']} has no concept subset with images on disk to compare against")
+    return out
 
 
 def _saved_config(run: Path) -> dict:
@@ -106,9 +146,18 @@ def _finetune_scores(run: Path, cfg: dict, base: str | None, **kw) -> tuple[dict
     from ..toyworld.evaluator import load_evaluator
     from .style import evaluate_finetune
 
-    ft = cfg["finetune"]
+    d = cfg["data"]
     # Bad rows were dealt with when the run trained; here they are only skipped (the eval needs a sample).
-    examples = load_examples(ft["dataset"], ft.get("image_column"), ft.get("caption_column"), skip_bad=True)
+    if str(d["dataset"]).lower().endswith(".toml"):
+        from ..data.dataset import read_training_set
+
+        ts = read_training_set(d["dataset"], skip_bad=True)
+        items = [it for it in ts.items if not ts.subsets[it.subset].is_reg]
+        for it in items:
+            it.example.caption = it.caption or ts.subsets[it.subset].class_tokens or ""
+        examples = [it.example for it in items]
+    else:
+        examples = load_examples(d["dataset"], d.get("image_column"), d.get("caption_column"), skip_bad=True)
     sample = random.Random(0).sample(examples, min(256, len(examples)))
     tuned = _trained_model(run, base, bool(cfg.get("lora", {}).get("enabled")))
     scores, sets = evaluate_finetune(tuned, api.load(base), load_evaluator(), [ex.image() for ex in sample],

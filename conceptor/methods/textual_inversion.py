@@ -97,12 +97,13 @@ class TextualInversion:
             token = sub.token or ti.token
             own = it.caption or sub.class_tokens
             if own is not None and "{}" not in own and token not in own:
-                what = f"caption of {it.example.where}" if it.caption else f"class_tokens of {sub.name}"
+                what = f"caption {it.caption_from}" if it.caption else f"class_tokens of {sub.name}"
                 raise ConceptorError(f"{what} must contain {token} or {{}} where the concept goes")
             self.captions.append([own] if own else templates)
             self.item_token.append(token)
             if own:
-                texts[fill(own, token)] = (token, f"caption of {it.example.where}")
+                texts[fill(own, token)] = (token, f"caption {it.caption_from}" if it.caption else
+                                           f"class_tokens of {sub.name}")
             else:
                 texts.update({fill(t, token): (token, f"template {t[:40]!r}" + (f" of {ti.templates}"
                                                                                   if ti.templates else ""))

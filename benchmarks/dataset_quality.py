@@ -1,0 +1,149 @@
+"""What a dataset config buys on the toy world: two concepts in one run, and masks against a shared background.
+
+    python benchmarks/dataset_quality.py [--steps 400] [--eval-images 16] [--parts two,masks] [--json out.json]
+
+(a) two concepts: the red arrow ("sks object") and the green crescent ("zwx object"), each five renders on
+    varied backgrounds; each trained alone for --steps, then both in one run from one dataset config (two
+    subsets, one class_tokens each, and the class images as a regularisation subset) for 2 x --steps, so each
+    concept sees as many examples as alone. Scores per token: fidelity, similarity, editability.
+(b) masks: five renders of the red arrow that all share one background (beige, dotted); without masks the
+    token learns the background with the shape, and edits ("a sks object on a black background") keep it;
+    with NAME_mask.png sidecars (the shape's own silhouette, from world.py) and mask_weight 0 the loss only
+    sees the shape. Same steps, same lr.
+
+DreamBooth LoRA r8 on attention, prior preservation with 50 class images of "a photo of a object", lr 1.5e-3,
+batch 2 (+2 class): the setting docs/benchmarks.md found best for the arrow on this model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CLASS = "a photo of a object"
+CONCEPTS = {"sks object": ("arrow", "red"), "zwx object": ("crescent", "green")}
+SHARED_BACKGROUND = ("beige", "dotted")
+
+
+def render_concept(folder: Path, shape: str, color: str, background: tuple[str, str] | None = None,
+                   masks: bool = False) -> Path:
+    """Five renders (the demo concept's poses); one background for all when ``background`` is given."""
+    from PIL import Image
+
+    from conceptor.toyworld import concept
+    from conceptor.toyworld import world as W
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, spec in enumerate(concept.concept_specs()):
+        spec = replace(spec, shape=shape, color=color)
+        if background:
+            spec = replace(spec, background=background[0], pattern=background[1])
+        W.render(spec).save(folder / f"{i}.png")
+        if masks:  # the silhouette world.py paints the shape through, at the image's size
+            big = W.SIZE * W._SS
+            W._mask(spec, big).resize((W.SIZE, W.SIZE), Image.BOX).save(folder / f"{i}_mask.png")
+    return folder
+
+
+def dataset_toml(path: Path, subsets: list[dict]) -> Path:
+    lines = ["[[datasets]]"]
+    for sub in subsets:
+        lines.append("  [[datasets.subsets]]")
+        for k, v in sub.items():
+            lines.append(f"  {k} = {json.dumps(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train(work: Path, name: str, data: dict, steps: int, lr: float, args, mask_weight: float | None = None) -> float:
+    from conceptor import api
+    from conceptor.config import build_config
+
+    section = {"lora": True, "rank": 8, "class_prompt": CLASS, "class_images": str(work / "class"),
+               "num_class_images": 50}
+    cfg = build_config("dreambooth", None, {
+        "model": {"model": args.model}, "data": {**data, **({"mask_weight": mask_weight} if mask_weight is not None
+                                                              else {})},
+        "optim": {"lr": lr}, "train": {"output": str(work / name), "steps": steps, "batch_size": 2,
+                                       "checkpoint_every": 0, "log_every": 50, "overwrite": True},
+        "dreambooth": section})
+    t0 = time.time()
+    api.train(cfg)
+    return round(time.time() - t0, 1)
+
+
+def scores(work: Path, run: str, subject: str, reference: Path, n: int, args) -> dict:
+    from conceptor import api
+    from conceptor.data.images import list_images, load_image
+    from conceptor.eval.concept import evaluate
+    from conceptor.toyworld.evaluator import load_evaluator
+
+    model = api.load(args.model, loras=[str(work / run / "pytorch_lora_weights.safetensors")])
+    refs = [load_image(p) for p in list_images(reference)]
+    s, _ = evaluate(model, load_evaluator(), subject, refs, n=n, identity=CONCEPTS[subject])
+    return {k: s[k] for k in ("fidelity", "similarity", "editability")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--eval-images", type=int, default=16)
+    ap.add_argument("--parts", default="two,masks")
+    ap.add_argument("--model", default=None, help="model folder (default: the bundled toy UNet model)")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import torch
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp())
+    rows = []
+
+    def report(row):
+        rows.append(row)
+        print(f"| {row['part']} | {row['run']} | {row['subject']} | {row['steps']} | {row['train_s']} | "
+              f"{row['fidelity']:.2f} | {row['similarity']:.3f} | {row['editability']:.2f} |", flush=True)
+
+    print("| part | run | token | steps | train s | fidelity | similarity | editability |")
+    print("|---|---|---|---|---|---|---|---|")
+    if "two" in args.parts:
+        folders = {s: render_concept(work / s.split()[0], *CONCEPTS[s]) for s in CONCEPTS}
+        for subject, folder in folders.items():
+            run = f"alone-{subject.split()[0]}"
+            path = dataset_toml(work / f"{run}.toml", [{"image_dir": str(folder), "class_tokens": subject,
+                                                        "num_repeats": 100}])
+            t = train(work, run, {"dataset": str(path)}, args.steps, args.lr, args)
+            report({"part": "two concepts", "run": "alone", "subject": subject, "steps": args.steps, "train_s": t,
+                    **scores(work, run, subject, folder, args.eval_images, args)})
+        path = dataset_toml(work / "together.toml", [{"image_dir": str(f), "class_tokens": s, "num_repeats": 100}
+                                                     for s, f in folders.items()])
+        t = train(work, "together", {"dataset": str(path)}, 2 * args.steps, args.lr, args)
+        for subject, folder in folders.items():
+            report({"part": "two concepts", "run": "one run, both", "subject": subject, "steps": 2 * args.steps,
+                    "train_s": t, **scores(work, "together", subject, folder, args.eval_images, args)})
+    if "masks" in args.parts:
+        subject = "sks object"
+        folder = render_concept(work / "shared-bg", *CONCEPTS[subject], background=SHARED_BACKGROUND, masks=True)
+        for run, masks in (("no masks", False), ("masks", True)):
+            name = run.replace(" ", "-")
+            path = dataset_toml(work / f"{name}.toml", [{"image_dir": str(folder), "class_tokens": subject,
+                                                         "num_repeats": 100, "masks": masks}])
+            t = train(work, name, {"dataset": str(path)}, args.steps, args.lr, args, mask_weight=0.0)
+            report({"part": f"one background ({' '.join(SHARED_BACKGROUND)})", "run": run, "subject": subject,
+                    "steps": args.steps, "train_s": t,
+                    **scores(work, name, subject, folder, args.eval_images, args)})
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"{args.eval_images} images per score; work folder {work}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
