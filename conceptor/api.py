@@ -28,6 +28,10 @@ def train(cfg: RunConfig, components: Components | None = None):
 
     method = get_method(cfg.method)
     check_output(cfg)  # before minutes of model loading and class images, not after
+    if cfg.data.dataset_file():  # its syntax, options and paths too (images and captions are read at set-up)
+        from .data.dataset_config import read_dataset_config
+
+        read_dataset_config(cfg.data.dataset)
     if components is None:
         check_memory(cfg)  # SD3/Flux: the peak-memory estimate, and a stop when it cannot fit, before any weight
     if cfg.lora is not None and cfg.lora.enabled:

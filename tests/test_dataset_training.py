@@ -268,3 +268,25 @@ def test_latent_masks_follow_flips_and_weight_the_rest(tiny_sd1, tmp_path):
     assert torch.allclose(w[0, 0, :, :2], torch.ones(4, 2), atol=0.02)
     assert torch.allclose(w[0, 0, :, 2:], torch.full((4, 2), 0.25), atol=0.02)
     assert torch.allclose(w[1], w[0].flip(-1))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd1"])
+def test_masks_from_the_shorthand_flags_on_unet_and_flow_models(cli, request, tmp_path, family):
+    """--images DIR --masks: NAME_mask.png sidecars weight the loss on a UNet and on Flux's transformer (whose
+    latents are packed 2x2: the weight is applied to the unpacked error)."""
+    model = request.getfixturevalue(f"tiny_{family}")
+    img = _folder(tmp_path, "img", 2, masks=True)
+    code, out, err = cli("train", "dreambooth", "--model", model, "--images", img, "--masks", "--mask-weight", "0.1",
+                         "--instance-prompt", "a photo of sks toy", "--lora", "--rank", "2", "--steps", "2",
+                         "--batch-size", "2", "--output", tmp_path / "run", "--checkpoint-every", "0")
+    assert code == 0, err
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    assert not any(p.name.endswith("_mask.png") for p in read_training_set_items(img))
+
+
+def read_training_set_items(folder):
+    from conceptor.data.dataset import load_training_set
+
+    ts = load_training_set([shorthand("--images", image_dir=str(folder), masks=True)], "--images")
+    assert all(it.mask is not None for it in ts.items)
+    return [it.example.path for it in ts.items]  # the masks themselves are not training images

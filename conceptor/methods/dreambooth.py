@@ -92,6 +92,8 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         (bool(db.instance_prompt) or not images, "--instance-prompt is required, e.g. 'a photo of sks toy'"),
         (not (db.instance_prompt and cfg.data.dataset_file()),
          "--instance-prompt does nothing with a dataset config: set class_tokens per subset there"),
+        (not (db.instance_prompt and cfg.data.dataset and not cfg.data.dataset_file()),
+         "--instance-prompt does nothing with --dataset SRC: every row there has its own caption"),
         (db.num_class_images >= 1, "--num-class-images must be at least 1"),
         (db.class_sampling_steps >= 1, "--class-sampling-steps must be at least 1"),
         (db.prior_loss_weight >= 0, "--prior-loss-weight must be >= 0"),
