@@ -41,17 +41,23 @@ def train(cfg: RunConfig, components: Components | None = None):
 
 # -- generation ----------------------------------------------------------------------------------
 
-def parse_embedding_arg(arg: str) -> tuple[Path, str | None]:
-    """``FILE`` or ``FILE:TOKEN``; a folder means its learned_embeds.safetensors."""
+def parse_embedding_arg(arg: str) -> list[tuple[Path, str | None]]:
+    """``FILE`` or ``FILE:TOKEN``; a run folder means its embeddings: learned_embeds.safetensors, or one
+    learned_embeds-<token>.safetensors per token of a run that trained several."""
     path, token = arg, None
     if ":" in arg and not Path(arg).exists():
         path, token = arg.rsplit(":", 1)
     p = Path(path)
     if p.is_dir():
-        p = p / "learned_embeds.safetensors"
+        files = sorted(f for f in p.glob("learned_embeds*.safetensors") if "-steps-" not in f.name)
+        if not files:
+            raise ConceptorError(f"{p} holds no learned_embeds*.safetensors; finish or resume the run first")
+        if token is not None and len(files) > 1:
+            raise ConceptorError(f"{p} holds {len(files)} embeddings; name one file instead of FOLDER:TOKEN")
+        return [(f, token or None) for f in files]
     if not p.is_file():
         raise ConceptorError(f"embedding file {p} does not exist")
-    return p, token or None
+    return [(p, token or None)]
 
 
 def parse_lora_arg(arg: str) -> tuple[Path, float]:
@@ -156,8 +162,8 @@ def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, lor
     for path, scale in parsed_loras:
         loaded.add_lora(path, scale)
     for e in embeddings:
-        path, token = parse_embedding_arg(str(e))
-        loaded.add_embedding(path, token)
+        for path, token in parse_embedding_arg(str(e)):
+            loaded.add_embedding(path, token)
     return loaded
 
 

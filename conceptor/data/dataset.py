@@ -192,12 +192,17 @@ def _sidecar(image: Path, extension: str | None) -> tuple[str | None, Path | Non
     return None, None
 
 
+def concept_images(folder: str | Path) -> list[Path]:
+    """The training images of a folder: its images without the NAME_mask.png masks beside them."""
+    return _folder_images(Path(folder), "")
+
+
 def _folder_images(folder: Path, where: str) -> list[Path]:
     """Images of a subset folder, without the masks that sit beside them."""
     try:
         images = list_images(folder)
     except ConceptorError as e:
-        raise ConceptorError(f"{where}: {e}") from None
+        raise ConceptorError(f"{where}: {e}" if where else str(e)) from None
     stems = {p.stem for p in images}
     return [p for p in images if not (p.stem.endswith(MASK_SUFFIX) and p.stem[:-len(MASK_SUFFIX)] in stems)]
 

@@ -86,14 +86,13 @@ def identity_of(evaluator, paths) -> tuple[str, str]:
 
 def _concepts(cfg: dict) -> list[tuple[str, list]]:
     """(subject, its training images) per concept: the flags' one, or each concept subset of a dataset."""
-    from ..data.dataset import load_training_set, read_training_set, shorthand
-    from ..data.images import list_images
+    from ..data.dataset import concept_images, load_training_set, read_training_set, shorthand
 
     d, method = cfg["data"], cfg["method"]
     own = cfg.get("textual_inversion", {}).get("token") if method == "textual-inversion" else \
         subject_of(cfg["dreambooth"].get("instance_prompt") or "")
     if d.get("images"):
-        return [(own, list_images(d["images"]))]
+        return [(own, concept_images(d["images"]))]
     ts = read_training_set(d["dataset"]) if str(d["dataset"]).lower().endswith(".toml") else \
         load_training_set([shorthand("--dataset", source=d["dataset"], image_column=d.get("image_column"),
                                      caption_column=d.get("caption_column"))], "--dataset", skip_bad=True)
