@@ -74,7 +74,7 @@ def train(work: Path, name: str, data: dict, steps: int, lr: float, args, mask_w
 
     if method == "dreambooth":
         section = {"lora": True, "rank": 8, "class_prompt": CLASS, "class_images": str(work / "class"),
-                   "num_class_images": 50}
+                   "num_class_images": 50, "lora_text_encoder": args.lora_text_encoder}
     else:  # textual inversion: the token comes from the dataset config
         from conceptor.toyworld.concept import TEMPLATES
 
@@ -119,8 +119,13 @@ def main() -> None:
     ap.add_argument("--ti-lr", type=float, default=5e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--erode", type=int, default=0, help="masks: shrink the silhouette by this many pixels")
+    ap.add_argument("--ti-shape", default="crescent", choices=("crescent", "hexagram"),
+                    help="masks-ti: the unnamed shape textual inversion learns (red)")
     ap.add_argument("--skip-alone", action="store_true")
     ap.add_argument("--skip-nomask", action="store_true")
+    ap.add_argument("--lora-text-encoder", action="store_true", help="DreamBooth: a LoRA of the text encoder too "
+                    "(the toy CLIP encodes 'sks object' and 'zwx object' at cosine 0.985: the UNet alone can "
+                    "hardly tell the triggers apart)")
     ap.add_argument("--model", default=None, help="model folder (default: the bundled toy UNet model)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
@@ -171,8 +176,8 @@ def main() -> None:
                         f"batch {batch}", "subject": token, "steps": args.ti_steps, "train_s": t,
                         **scores(work, name, token, folders[token], args.eval_images, args, identity=ti[token])})
     if "masks-ti" in parts:  # textual inversion of the demo's red crescent, all on one background
-        folder = render_concept(work / "shared-bg-ti", "crescent", "red", background=SHARED_BACKGROUND, masks=True,
-                                erode=args.erode)
+        folder = render_concept(work / "shared-bg-ti", args.ti_shape, "red", background=SHARED_BACKGROUND,
+                                masks=True, erode=args.erode)
         for run, masks in (("no masks", False), ("masks", True))[1 if args.skip_nomask else 0:]:
             name = "ti-" + run.replace(" ", "-")
             path = dataset_toml(work / f"{name}.toml", [{"image_dir": str(folder), "token": "<c>",
@@ -181,7 +186,7 @@ def main() -> None:
                       batch_size=8, method="textual-inversion")
             report({"part": f"TI, one background ({' '.join(SHARED_BACKGROUND)})", "run": run, "subject": "<c>",
                     "steps": args.ti_steps, "train_s": t,
-                    **scores(work, name, "<c>", folder, args.eval_images, args, identity=("crescent", "red"))})
+                    **scores(work, name, "<c>", folder, args.eval_images, args, identity=(args.ti_shape, "red"))})
     if "masks" in parts:
         subject = "sks object"
         folder = render_concept(work / "shared-bg", *CONCEPTS[subject], background=SHARED_BACKGROUND, masks=True)

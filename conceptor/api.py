@@ -61,7 +61,8 @@ def parse_embedding_arg(arg: str) -> list[tuple[Path, str | None]]:
 
 
 def parse_lora_arg(arg: str) -> tuple[Path, float]:
-    """``FILE`` or ``FILE:SCALE``; a folder means its pytorch_lora_weights.safetensors."""
+    """``FILE`` or ``FILE:SCALE``; a folder means its pytorch_lora_weights.safetensors (and, when the run trained
+    tokens too, its learned_embeds*.safetensors: ``load`` adds them)."""
     import math
 
     path, scale = arg, 1.0
@@ -159,8 +160,13 @@ def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, lor
     for m in (*components.text_encoders, components.vae, components.denoiser):
         m.to(device, dtype=dtype).eval()
     loaded = Model(components)
-    for path, scale in parsed_loras:
+    for (path, scale), arg in zip(parsed_loras, loras):
         loaded.add_lora(path, scale)
+        folder = Path(str(arg).rsplit(":", 1)[0]) if not Path(str(arg)).exists() else Path(str(arg))
+        if folder.is_dir():  # a pivotal-tuning run: its tokens come with its LoRA
+            for emb in sorted(folder.glob("learned_embeds*.safetensors")):
+                if "-steps-" not in emb.name:
+                    loaded.add_embedding(emb)
     for e in embeddings:
         for path, token in parse_embedding_arg(str(e)):
             loaded.add_embedding(path, token)

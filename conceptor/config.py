@@ -58,7 +58,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     images: str | None = opt(None, "folder of training images (img.txt beside img.png = its caption)",
-                             metavar="DIR", input=True, only=("textual-inversion", "dreambooth"))
+                             metavar="DIR", input=True, only=("textual-inversion", "dreambooth", "pivotal"))
     dataset: str | None = opt(None, "kohya dataset config (.toml: subsets, repeats, captions, masks, buckets), or "
                                     "one captioned source: a CSV (image_path,caption), a folder with metadata.jsonl "
                                     "or .txt captions, a datasets save_to_disk folder, a hub dataset name",
@@ -151,13 +151,16 @@ class TrainConfig:
 class LoraConfig:
     """Low-rank adapters (PEFT) instead of whole modules, for every method that trains model weights."""
 
-    enabled: bool = opt(False, "train a LoRA of the UNet attention instead of the whole UNet", flag="--lora")
+    enabled: bool = opt(False, "train a LoRA of the UNet attention instead of the whole UNet", flag="--lora",
+                        only=("dreambooth", "finetune"))  # pivotal tuning always trains one
     rank: int = opt(4, "LoRA rank (default 4)", metavar="R")
     alpha: float | None = opt(None, "LoRA alpha (default: the rank)", metavar="A")
     targets: str = opt("attn", "UNet layers with a LoRA: attention projections (default) or attention + "
                                "feed-forward", flag="--lora-targets", choices=LORA_TARGET_SETS)
     text_encoder: bool = opt(False, "a LoRA of the text encoder too", flag="--lora-text-encoder",
-                             only=("dreambooth",))
+                             only=("dreambooth", "pivotal"))
+    init_from: str | None = opt(None, "continue training this LoRA file (diffusers, PEFT or kohya layout; same rank "
+                                      "and layers)", flag="--init-lora", metavar="FILE", input=True)
 
 
 SHARED_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
@@ -176,6 +179,7 @@ class MethodSpec:
     lora_lr: float | None = None  # default with --lora; None: the method trains no adapters
     flip_p: float = 0.5  # default horizontal-flip probability
     repeats: int = 100  # default --repeats (images x repeats = one epoch)
+    lora_always: bool = False  # the method is a LoRA method (pivotal tuning): no --lora switch
     checks: Callable[["RunConfig"], list[tuple[bool, str]]] = lambda cfg: []
 
     @property
@@ -298,6 +302,8 @@ def build_config(method: str | MethodSpec, file_values: dict[str, Any] | None,
             raise ConceptorError(f"{given[0]} and --dataset {d.dataset} both describe the data; set it in the dataset "
                                  "config (flip_aug, num_repeats, enable_bucket, min/max_bucket_reso, masks, "
                                  "image_column ... per dataset or subset) or leave --dataset out")
+    if spec.lora_always:
+        cfg.lora.enabled = True
     if cfg.data.flip_p is None:
         cfg.data.flip_p = spec.flip_p
     if cfg.data.repeats is None and not d.dataset_file():
@@ -362,6 +368,7 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
             (lo.alpha is None or lo.alpha > 0, "--alpha must be positive"),
             (lo.targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
             (not lo.text_encoder or lo.enabled, "--lora-text-encoder needs --lora"),
+            (not lo.init_from or lo.enabled, "--init-lora needs --lora"),
         ]
     for ok, message in checks + list(spec.checks(cfg)):
         if not ok:

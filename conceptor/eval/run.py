@@ -53,6 +53,12 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
         if not embeddings:
             raise ConceptorError(f"{run} has no learned_embeds.safetensors yet; finish or resume the run first")
         loaded = api.load(base, embeddings)
+    elif method == "pivotal":  # its LoRA and its tokens, as `conceptor generate --lora RUN` loads them
+        class_prompt = class_prompt or cfg["pivotal"].get("class_prompt")
+        loaded = _trained_model(run, base, True)
+        for emb in sorted(run.glob("learned_embeds*.safetensors")):
+            if "-steps-" not in emb.name:
+                loaded.add_embedding(emb)
     else:
         class_prompt = class_prompt or cfg["dreambooth"].get("class_prompt")
         loaded = _trained_model(run, base, bool(cfg.get("lora", {}).get("enabled")))
@@ -68,13 +74,17 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
     scores = {"method": method, **results[0]}
     if len(results) > 1:  # a dataset config with several concepts: each scored on its own subset's images
         scores["concepts"] = results
-    if method == "dreambooth" and class_prompt:
+    if method in ("dreambooth", "pivotal") and class_prompt:
         scores["class_prompt"] = class_prompt
         scores["class_prior_retention"], sets["class"] = prior_retention(
             loaded, evaluator, class_prompt, identity_of(evaluator, concepts[0][1])[0], n=n, seed=seed, steps=steps,
             guidance=guidance)
     _write(run, scores, sets)
     return scores
+
+
+def cfg_section(method: str) -> str:
+    return method.replace("-", "_")
 
 
 def identity_of(evaluator, paths) -> tuple[str, str]:
@@ -89,8 +99,9 @@ def _concepts(cfg: dict) -> list[tuple[str, list]]:
     from ..data.dataset import concept_images, load_training_set, read_training_set, shorthand
 
     d, method = cfg["data"], cfg["method"]
-    own = cfg.get("textual_inversion", {}).get("token") if method == "textual-inversion" else \
-        subject_of(cfg["dreambooth"].get("instance_prompt") or "")
+    tokens = method in ("textual-inversion", "pivotal")  # the subject is the new token
+    own = cfg[cfg_section(method)].get("token") if tokens else subject_of(cfg["dreambooth"].get("instance_prompt")
+                                                                          or "")
     if d.get("images"):
         return [(own, concept_images(d["images"]))]
     ts = read_training_set(d["dataset"]) if str(d["dataset"]).lower().endswith(".toml") else \
@@ -100,7 +111,7 @@ def _concepts(cfg: dict) -> list[tuple[str, list]]:
     for k, sub in enumerate(ts.subsets):
         if sub.is_reg:
             continue
-        subject = (sub.token or own) if method == "textual-inversion" else subject_of(sub.class_tokens or own)
+        subject = (sub.token or own) if tokens else subject_of(sub.class_tokens or own)
         paths = [it.example.path for it in ts.items if it.subset == k and it.example.path is not None]
         if subject and paths and subject not in [s for s, _ in out]:
             out.append((subject, paths))
@@ -117,8 +128,8 @@ def _saved_config(run: Path) -> dict:
     raw = config_from_saved(path)
     method = raw.get("method")
     if method not in REGISTRY:
-        raise ConceptorError(f"conceptor eval measures textual-inversion, dreambooth and finetune runs; {path} "
-                             f"names method {method!r}")
+        raise ConceptorError(f"conceptor eval measures textual-inversion, dreambooth, pivotal and finetune runs; "
+                             f"{path} names method {method!r}")
     try:
         return build_config(method, raw, {}).to_dict()
     except ConceptorError as e:

@@ -6,11 +6,13 @@
   (some tools write ``{"emb_params": ...}``, the kohya key).
 - kohya: ``{"emb_params": [n, hidden]}``.
 - SDXL (A1111/kohya/ComfyUI): ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``.
+- bundled (A1111/Forge, pivotal tuning): a LoRA file that also holds ``bundle_emb.<token>.string_to_param.*``
+  (SD 1/2) or ``bundle_emb.<token>.clip_l`` + ``.clip_g`` (SDXL) per token; see bundle.py.
 Files without a token name are named after the file, as A1111 does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from .safe_load import PICKLES, SAFETENSORS, load_tensors, refuse_same_file
 
 FORMATS = ("diffusers", "a1111", "kohya")
 SDXL_DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")  # diffusers' two-file form
+BUNDLE_PREFIX = "bundle_emb."  # A1111's key prefix for embeddings carried inside a LoRA file
 
 
 @dataclass
@@ -68,12 +71,80 @@ def _check(t: Any, where: str, name: str) -> torch.Tensor:
     return t
 
 
+def is_bundle_key(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith(BUNDLE_PREFIX)
+
+
+def bundled_embeddings(sd: dict[str, Any], where: str) -> list[Embedding]:
+    """The embeddings a bundled LoRA file carries, keyed as A1111's networks.py splits them: ``bundle_emb.``,
+    the token (up to the next dot), then the part (``string_to_param.*``, ``clip_l``, ``clip_g``)."""
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in sd.items():
+        if not is_bundle_key(key):
+            continue
+        pieces = key.split(".", 2)
+        if len(pieces) != 3 or not pieces[1] or not pieces[2]:
+            raise ConceptorError(f"{where}: {key} names no token and part; bundled embeddings are keyed "
+                                 "bundle_emb.TOKEN.string_to_param.* or bundle_emb.TOKEN.clip_l/clip_g")
+        parts.setdefault(pieces[1], {})[pieces[2]] = value
+    return [_bundled(token, found, where) for token, found in parts.items()]
+
+
+def _bundled(token: str, found: dict[str, Any], where: str) -> Embedding:
+    label = {k: f"{BUNDLE_PREFIX}{token}.{k}" for k in found}
+    if set(found) == {"clip_l", "clip_g"}:
+        return _sdxl(token, found, where, label)
+    if len(found) == 1 and set(found) & {"clip_l", "clip_g"}:  # half an SDXL embedding: damaged, not an SD 1/2 one
+        (have,) = found
+        lack = "clip_g" if have == "clip_l" else "clip_l"
+        raise ConceptorError(f"{where}: {label[have]} has no {lack} beside it; an SDXL embedding needs both")
+    if len(found) != 1:  # A1111 would silently keep one of them; which one the user meant is unknowable
+        count = "two" if len(found) == 2 else str(len(found))
+        raise ConceptorError(f"{where} holds {count} embeddings for token {token} ({', '.join(sorted(label.values()))})"
+                             "; a bundled embedding is one string_to_param.* tensor or clip_l + clip_g")
+    (part, value), = found.items()
+    return Embedding(token, _check(value, where, label[part]))
+
+
+def _sdxl(token: str, sd: dict[str, Any], where: str, label: dict[str, str]) -> Embedding:
+    clip_l, clip_g = _check(sd["clip_l"], where, label["clip_l"]), _check(sd["clip_g"], where, label["clip_g"])
+    if clip_l.shape[0] != clip_g.shape[0]:  # one token must span as many positions in both encoders
+        raise ConceptorError(f"{where}: {label['clip_l']} holds {clip_l.shape[0]} vector(s) but {label['clip_g']} "
+                             f"{clip_g.shape[0]}; an SDXL embedding has as many in each")
+    return Embedding(token, clip_l, clip_g)
+
+
+def _pick(embeddings: list[Embedding], token: str | None, where: str) -> Embedding:
+    """One embedding of a bundle: the only one (``token`` renames it, as for any one-embedding file), else the
+    one named ``token``."""
+    if len(embeddings) == 1:
+        return replace(embeddings[0], token=token) if token else embeddings[0]
+    chosen = [e for e in embeddings if e.token == token]
+    if chosen:
+        return chosen[0]
+    names = ", ".join(e.token for e in embeddings)
+    what = f"has no embedding {token}" if token else f"holds {len(embeddings)} embeddings"
+    raise ConceptorError(f"{where} {what} (tokens: {names}); pass FILE:TOKEN to pick one")
+
+
+def read_embeddings(path: str | Path) -> list[Embedding]:
+    """Every embedding a file holds: all of a bundled LoRA's, else the one ``read_embedding`` reads."""
+    p = Path(path)
+    sd, _ = load_tensors(p)
+    if any(is_bundle_key(k) for k in sd):
+        return bundled_embeddings(sd, p.name)
+    return [read_embedding(p)]
+
+
 def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
-    """Read an embedding in any supported layout; ``token`` overrides the name stored in the file."""
+    """Read an embedding in any supported layout; ``token`` overrides the name stored in the file, or, in a
+    bundled LoRA file with several embeddings, picks one of them."""
     p = Path(path)
     sd, meta = load_tensors(p)
     if not sd:
         raise ConceptorError(f"{p.name} holds no tensors")
+    if any(is_bundle_key(k) for k in sd):
+        return _pick(bundled_embeddings(sd, p.name), token, p.name)
     try:
         fmt = detect_format(sd)
     except ConceptorError as e:  # name the file: the user may be loading several
@@ -85,11 +156,7 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
             raise ConceptorError(f"{p.name}: its one key {key!r} (of type {type(key).__name__}) is not a token name")
         return Embedding(token or key, _check(value, p.name, key))
     if fmt == "sdxl":
-        clip_l, clip_g = _check(sd["clip_l"], p.name, "clip_l"), _check(sd["clip_g"], p.name, "clip_g")
-        if clip_l.shape[0] != clip_g.shape[0]:  # one token must span as many positions in both encoders
-            raise ConceptorError(f"{p.name}: clip_l holds {clip_l.shape[0]} vector(s) but clip_g "
-                                 f"{clip_g.shape[0]}; an SDXL embedding has as many in each")
-        return Embedding(name or p.stem, clip_l, clip_g)
+        return _sdxl(name or p.stem, sd, p.name, {"clip_l": "clip_l", "clip_g": "clip_g"})
     if fmt == "kohya":
         return Embedding(name or p.stem, _check(sd["emb_params"], p.name, "emb_params"))
     # a1111

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from ..errors import ConceptorError
 from ..fileio import atomic_path
 from . import lora_flux
+from .embeddings import is_bundle_key
 from .safe_load import load_tensors, refuse_same_file
 
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -53,10 +54,17 @@ def _kohya_to_dotted(name: str) -> str:
 
 
 def read_lora(path: str | Path) -> LoraWeights:
-    """Read a diffusers/PEFT or kohya LoRA file (safetensors; pickles only as plain tensors)."""
+    """Read a diffusers/PEFT or kohya LoRA file (safetensors; pickles only as plain tensors); the embeddings a
+    bundled file also carries (``bundle_emb.*``, see bundle.py) are not part of the LoRA and are left out."""
     data, _ = load_tensors(path)
-    path = Path(path).name  # messages name the file, as the user gave it
-    tensors = _tensors_of(data, path)
+    return lora_of(data, Path(path).name)  # messages name the file, as the user gave it
+
+
+def lora_of(data: dict, path: str) -> LoraWeights:
+    """The LoRA in a loaded file's contents, ``path`` naming the file in messages."""
+    tensors = _tensors_of({k: v for k, v in data.items() if not is_bundle_key(k)}, path)
+    if not tensors and any(is_bundle_key(k) for k in data):
+        raise ConceptorError(f"{path} holds only bundled embeddings, no LoRA layers; load it as an embedding")
     if not tensors:
         raise ConceptorError(f"{path} holds no tensors; is it a LoRA file?")
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in tensors):
@@ -193,14 +201,23 @@ def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Pa
     if path.suffix.lower() != ".safetensors":  # the bytes must match the name: no tool reads a LoRA pickle of ours
         raise ConceptorError(f"{path.name}: LoRA files are written as .safetensors (what diffusers, kohya, A1111 "
                              f"and ComfyUI load); name it {path.stem}.safetensors")
+    tensors = lora_tensors(lora, to, path.name)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    return path
+
+
+def lora_tensors(lora: LoraWeights, to: str, where: str) -> dict[str, torch.Tensor]:
+    """The tensors ``write_lora`` writes in ``to`` layout (contiguous), ``where`` naming the file in messages;
+    bundle.py adds its embeddings to the kohya ones."""
     family = lora_family(lora)
     pairs = dict(lora)
     if to == "kohya" and family == "sd3":
-        raise ConceptorError(f"{path.name}: kohya has no SD3 LoRA layout that diffusers reads; write it with "
+        raise ConceptorError(f"{where}: kohya has no SD3 LoRA layout that diffusers reads; write it with "
                              "--to diffusers (the layout SD3 loaders read)")
     if to == "kohya" and family == "flux":
         if any(n.startswith("text_encoder_2.") for n in lora):
-            raise ConceptorError(f"{path.name}: this Flux LoRA trains T5 (text_encoder_2), which kohya's Flux layout "
+            raise ConceptorError(f"{where}: this Flux LoRA trains T5 (text_encoder_2), which kohya's Flux layout "
                                  "does not carry for diffusers; write it with --to diffusers")
         transformer = {n: p for n, p in lora.items() if n.startswith("transformer.")}
         pairs = {n: p for n, p in lora.items() if n not in transformer} | lora_flux.to_kohya_flux(transformer)
@@ -225,9 +242,7 @@ def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Pa
             tensors[f"{base}.lora_down.weight"] = down
             tensors[f"{base}.lora_up.weight"] = up
             tensors[f"{base}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale already folded
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    return path
+    return {k: v.contiguous() for k, v in tensors.items()}
 
 
 def convert_lora(src: str | Path, dst: str | Path, to: str) -> Path:

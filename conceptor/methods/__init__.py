@@ -19,6 +19,7 @@ REGISTRY = {
     "textual-inversion": "textual_inversion",
     "dreambooth": "dreambooth",
     "finetune": "finetune",
+    "pivotal": "pivotal",
 }
 
 

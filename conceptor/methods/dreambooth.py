@@ -116,10 +116,10 @@ class DreamBooth:
         db = self.db = cfg.options
         self.lora = cfg.lora.enabled
         self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
-        if db.save_single_file and components.flow is not None:
+        if getattr(db, "save_single_file", False) and components.flow is not None:
             raise ConceptorError("--save-single-file writes the SD 1/2/XL checkpoint layout; for SD3/Flux use the "
                                  "diffusers folder the run writes")
-        datasets, source = datasets_of(cfg, class_tokens=db.instance_prompt or None, captions=None)
+        datasets, source = self._datasets(cfg)
         class_paths = None
         if db.class_prompt:  # before any weight changes: class images show what the base model knows
             folder = Path(db.class_images) if db.class_images else Path(cfg.train.output) / "class_images"
@@ -133,10 +133,7 @@ class DreamBooth:
         if class_paths is not None:  # the folder may hold more than --num-class-images: use those asked for
             keep, reg = {Path(p).resolve() for p in class_paths}, len(datasets[0].subsets) - 1
             ts.items = [it for it in ts.items if it.subset != reg or it.example.path.resolve() in keep]
-        for i, it in enumerate(ts.items):
-            if it.caption is None and not ts.subset_of(i).class_tokens:
-                raise ConceptorError(f"{source}: {ts.subset_of(i).name}: {it.example.where} has no caption file "
-                                     "and the subset no class_tokens; give it class_tokens (e.g. 'sks dog')")
+        self._check_captions(ts, source)
         # Before any image is resized to its size (PIL alone would allocate it), not after.
         w, h = max((it.size for it in ts.items), key=lambda s: s[0] * s[1])
         check_vae_memory(components.vae, 1, h, w, f"--resolution {max(w, h)}", "VAE encoder")
@@ -150,8 +147,10 @@ class DreamBooth:
         # A stream of its own (seed + 1) so the class images cycle independently of the instances.
         self.prior_order = EntryOrder(ts.entries(True), sizes, n, cfg.train.seed + 1) if self.prior else None
 
-        self.text_trains = db.train_text_encoder or cfg.lora.text_encoder
-        self._encoded: dict[str, tuple] = {}  # caption -> (hidden, pooled), while the text encoders are frozen
+        # the text encoders' weights train (pivotal tuning's section has no --train-text-encoder: LoRA only)
+        self.text_trains = getattr(db, "train_text_encoder", False) or cfg.lora.text_encoder
+        self.encode_live = self.text_trains  # prompts are encoded every step (with gradients), not once
+        self._encoded: dict[str, tuple] = {}  # caption -> (hidden, pooled), while nothing in the text path trains
 
         denoiser = components.denoiser
         groups = []
@@ -160,7 +159,7 @@ class DreamBooth:
             groups = add_adapters(self._modules(), cfg.lora, te_lr, cfg.train.seed, components.flow)
         else:
             groups.append({"params": train_whole(denoiser)})
-            if db.train_text_encoder:
+            if getattr(db, "train_text_encoder", False):
                 for te in trainable_text_encoders(components).values():
                     groups.append({"params": train_whole(te), "lr": te_lr})
         denoiser.train()
@@ -171,22 +170,40 @@ class DreamBooth:
         if cfg.train.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         n = sum(p.numel() for g in groups for p in g["params"])
-        log.info("dreambooth%s: %d instance image(s)%s, %.1fM trainable parameters", " LoRA" if self.lora else "",
+        log.info("%s%s: %d instance image(s)%s, %.1fM trainable parameters", self.name, " LoRA" if self.lora else "",
                  self.instance.n, f", {self.prior.n} class image(s)" if self.prior else " (no prior preservation)",
                  n / 1e6)
         return Setup(groups)
+
+    # -- what a subclass (pivotal tuning) changes ---------------------------------------------------
+    def _datasets(self, cfg: RunConfig):
+        """The run's datasets: --images' one subset is captioned by the instance prompt (no caption files)."""
+        return datasets_of(cfg, class_tokens=cfg.options.instance_prompt or None, captions=None)
+
+    def _check_captions(self, ts, source: str) -> None:
+        for i, it in enumerate(ts.items):
+            if it.caption is None and not ts.subset_of(i).class_tokens:
+                raise ConceptorError(f"{source}: {ts.subset_of(i).name}: {it.example.where} has no caption file "
+                                     "and the subset no class_tokens; give it class_tokens (e.g. 'sks dog')")
+
+    def _base_caption(self, i: int, rng) -> str:
+        """Item i's caption before the subset's caption options: its own, or its subset's class_tokens."""
+        return self.data.items[i].caption or self.data.subset_of(i).class_tokens
 
     # -- per step --------------------------------------------------------------------------------
     def _captions(self, index: list[int], micro_index: int, first_row: int = 0) -> list[str]:
         """Each row's caption this step: its own or its subset's class_tokens, through the subset's caption
         options (prefix/suffix, shuffle with keep_tokens, tag and caption dropout)."""
         ts, seed = self.data, self.cfg.train.seed
-        return [realise(ts.items[i].caption or ts.subset_of(i).class_tokens, ts.subset_of(i),
-                        caption_rng(seed, micro_index, first_row + row)) for row, i in enumerate(index)]
+        out = []
+        for row, i in enumerate(index):
+            rng = caption_rng(seed, micro_index, first_row + row)
+            out.append(realise(self._base_caption(i, rng), ts.subset_of(i), rng))
+        return out
 
     def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden, pooled) of the rows' captions: encoded now when an encoder trains, else once per caption."""
-        if self.text_trains:
+        """(hidden, pooled) of the rows' captions: encoded now when the text path trains, else once per caption."""
+        if self.encode_live:
             return encode(self.c, token_ids(self.c, captions))
         with torch.no_grad():
             for text in captions:
@@ -262,7 +279,8 @@ class DreamBooth:
             return save_adapters(self._modules(), folder, step, final)
         if not final:
             return []  # a full model per snapshot would be GBs; checkpoints/ holds the weights
-        return save_pipeline(self.c, folder, self.cfg.model, self.text_trains, self.db.save_single_file)
+        return save_pipeline(self.c, folder, self.cfg.model, self.text_trains, getattr(self.db, "save_single_file",
+                                                                                       False))
 
 
 SPEC = MethodSpec(name="dreambooth", section="dreambooth", options=DreamBoothConfig, make=DreamBooth,

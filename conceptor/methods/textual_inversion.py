@@ -37,6 +37,9 @@ class TextualInversionConfig:
     vectors: int = opt(1, "vectors per token (default 1)", metavar="N")
     what: str = opt("object", "template set (default object)", choices=("object", "style"))
     templates: str | None = opt(None, "own templates, one per line with {} for the token", metavar="FILE")
+    init_embedding: str | None = opt(None, "continue training this embedding file (diffusers, A1111, kohya, SDXL "
+                                           "clip_l/clip_g) instead of starting from --init-token", metavar="FILE",
+                                     input=True)
 
 
 def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
@@ -46,30 +49,29 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         (cfg.data.images or cfg.data.dataset, "--images is required: a folder with 3-20 pictures of your concept "
                                               "(or --dataset: a kohya dataset config or a captioned source)"),
         (bool(ti.token) or file, "--token is required, e.g. --token '<cat-toy>'"),
-        (bool(ti.init_token) or file, "--init-token is required: one word close to the concept, e.g. toy"),
+        (bool(ti.init_token) or file or ti.init_embedding,
+         "--init-token is required: one word close to the concept, e.g. toy (or --init-embedding FILE)"),
         (1 <= ti.vectors <= 64, "--vectors must be between 1 and 64"),
         (ti.what in ("object", "style"), "--what must be object or style"),
     ]
 
 
-class TextualInversion:
-    name = "textual-inversion"
+class TokenVectors:
+    """New tokens and their trained vectors, in every CLIP encoder: what textual inversion trains and what pivotal
+    tuning trains beside its LoRA. Each concept subset names its token (``token``, or the run's ``--token``) and the
+    word it starts from; an item is captioned by its own caption or class_tokens ("{}" or the token marks the
+    concept), else by the templates."""
 
-    def setup(self, components: Components, cfg: RunConfig, device: torch.device,
-              shard: Shard = Shard()) -> Setup:
-        ti = cfg.textual_inversion
-        self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
-        self.num_vectors = ti.vectors
-        datasets, source = datasets_of(cfg, captions="auto", token=ti.token or None)
-        ts = self.data = training_set(cfg, components, datasets, source)
-        # Each subset trains its own token (a dataset config may name several: several concepts in one run).
+    def add_concept_tokens(self, components: Components, ts, source: str, opts) -> None:
+        self.num_vectors = opts.vectors
         self.tokens: list[str] = []
         inits: dict[str, str] = {}
         for sub in ts.subsets:
             if sub.is_reg:
-                raise ConceptorError(f"{source}: {sub.name} is a regularisation subset; textual inversion trains only "
-                                     "its tokens' vectors, which class captions never contain, so it would do nothing")
-            token, init = sub.token or ti.token, sub.init_token or ti.init_token
+                continue
+            token, init = sub.token or opts.token, sub.init_token or opts.init_token
+            if opts.init_embedding and not init:
+                init = f"file {opts.init_embedding}"
             if not token or not init:
                 raise ConceptorError(f"{source}: {sub.name} needs token and init_token (or --token/--init-token)")
             if token not in inits:
@@ -82,19 +84,24 @@ class TextualInversion:
         clips = components.clip_encoders  # SDXL/SD3: the token goes into both CLIP vocabularies (T5 stays as is)
         for tok, _ in clips:
             for token in self.tokens:
-                for name in token_names(token, ti.vectors):
+                for name in token_names(token, opts.vectors):
                     check_new_token(tok, name)
-        init_ids = [[initializer_id(tok, inits[t]) for t in self.tokens] for tok, _ in clips]
-        templates = load_templates(ti.what, ti.templates)
+        start = self._init_vectors(opts, clips)  # --init-embedding: the file's vectors, else the init words'
+        init_ids = [[initializer_id(tok, inits[t]) if start is None else None for t in self.tokens]
+                    for tok, _ in clips]
+        templates = load_templates(opts.what, opts.templates)
 
-        # Per item: its caption (a sidecar "{}" or the token marks the concept), its subset's class_tokens, or the
-        # templates; and the token its "{}" stands for.
-        self.captions: list[list[str]] = []
-        self.item_token: list[str] = []
+        # Per concept item: its caption choices and the token its "{}" stands for (regularisation items: none).
+        self.captions: list[list[str] | None] = []
+        self.item_token: list[str | None] = []
         texts: dict[str, tuple[str, str]] = {}
         for i, it in enumerate(ts.items):
             sub = ts.subset_of(i)
-            token = sub.token or ti.token
+            if sub.is_reg:
+                self.captions.append(None)
+                self.item_token.append(None)
+                continue
+            token = sub.token or opts.token
             own = it.caption or sub.class_tokens
             if own is not None and "{}" not in own and token not in own:
                 what = f"caption {it.caption_from}" if it.caption else f"class_tokens of {sub.name}"
@@ -105,33 +112,111 @@ class TextualInversion:
                 texts[fill(own, token)] = (token, f"caption {it.caption_from}" if it.caption else
                                            f"class_tokens of {sub.name}")
             else:
-                texts.update({fill(t, token): (token, f"template {t[:40]!r}" + (f" of {ti.templates}"
-                                                                                  if ti.templates else ""))
+                texts.update({fill(t, token): (token, f"template {t[:40]!r}" + (f" of {opts.templates}"
+                                                                                  if opts.templates else ""))
                               for t in templates})
         # A token cut off at the encoder's limit gets no gradient: torch would stop at the first step with
         # "element 0 of tensors does not require grad". Say which text, before minutes of set-up.
         for text, (token, where) in texts.items():
-            check_token_fits(components, text, token, ti.vectors, where)
+            check_token_fits(components, text, token, opts.vectors, where)
+
+        # One trained row block per CLIP encoder (SDXL and SD3 train both, the 768- and the 1280-wide one); each
+        # block holds every token's vectors, in self.tokens order.
+        self.embeddings = []
+        for k, ((tok, te), ids) in enumerate(zip(clips, init_ids)):
+            for token, init_id in zip(self.tokens, ids):
+                if start is not None:
+                    init = start[k].to(te.get_input_embeddings().weight.device)
+                else:
+                    init = te.get_input_embeddings().weight[init_id].detach().float().repeat(opts.vectors, 1)
+                emb = add_tokens(tok, te, token, init)
+            self.embeddings.append(emb)
+        self.first_trained_row = self.embeddings[0].new.shape[0] - opts.vectors * len(self.tokens)
+        log.info("new token(s) %s x%d vector(s) initialised from %s%s", ", ".join(self.tokens), opts.vectors,
+                 ", ".join(repr(inits[t]) for t in self.tokens),
+                 " in both CLIP text encoders" if len(clips) > 1 else "")
+
+    def _init_vectors(self, opts, clips) -> list[torch.Tensor] | None:
+        """--init-embedding: the file's vectors per CLIP encoder (widths and count checked), or None."""
+        if not getattr(opts, "init_embedding", None):
+            return None
+        from ..models.init_from import init_embedding_from
+
+        if len(self.tokens) > 1:
+            raise ConceptorError(f"--init-embedding gives one token's vectors but this run trains {len(self.tokens)} "
+                                 f"({', '.join(self.tokens)}); train them apart or drop --init-embedding")
+        _, vectors = init_embedding_from(opts.init_embedding, None, clips)
+        if vectors[0].shape[0] != opts.vectors:
+            raise ConceptorError(f"{Path(opts.init_embedding).name} holds {vectors[0].shape[0]} vector(s) but "
+                                 f"--vectors is {opts.vectors}: pass --vectors {vectors[0].shape[0]}")
+        return vectors
+
+    def concept_caption(self, i: int, pick: int) -> str:
+        """Item i's caption choice ``pick`` (mod the choices) with its token in place of "{}"."""
+        choices = self.captions[i]
+        return fill(choices[pick % len(choices)], self.item_token[i])
+
+    def vectors(self, k: int = 0) -> torch.Tensor:
+        """Every token's trained rows in encoder ``k`` (its tokens in self.tokens order, ``vectors`` rows each)."""
+        return self.embeddings[k].new[self.first_trained_row:].detach().float().cpu()
+
+    def vectors_state(self) -> dict[str, torch.Tensor]:
+        keys = ("vectors", "vectors_2")
+        return {keys[k]: self.vectors(k).contiguous() for k in range(len(self.embeddings))}
+
+    def load_vectors_state(self, state: dict[str, torch.Tensor]) -> None:
+        for k, key in enumerate(("vectors", "vectors_2")[:len(self.embeddings)]):
+            v = state.get(key)
+            if v is None or v.shape != self.vectors(k).shape:
+                raise ConceptorError(f"checkpoint holds {None if v is None else tuple(v.shape)} {key} but this run "
+                                     f"trains {tuple(self.vectors(k).shape)}; resume with the same --vectors, tokens "
+                                     "and model")
+            with torch.no_grad():
+                self.embeddings[k].new[self.first_trained_row:] = v.to(self.embeddings[k].new.device)
+
+    def token_embeddings(self) -> list[Embedding]:
+        v, sdxl = self.num_vectors, len(self.embeddings) > 1
+        return [Embedding(token=token, vectors=self.vectors()[t * v:(t + 1) * v],
+                          vectors_2=self.vectors(1)[t * v:(t + 1) * v] if sdxl else None)
+                for t, token in enumerate(self.tokens)]
+
+    def save_embeddings(self, folder: Path, step: int, final: bool) -> list[Path]:
+        """One embedding file per token (what A1111, ComfyUI and diffusers load: one token each); one token keeps
+        the seeds' name learned_embeds.safetensors, several are learned_embeds-<token>.safetensors."""
+        out = []
+        for emb in self.token_embeddings():
+            stem = "learned_embeds" if len(self.tokens) == 1 else f"learned_embeds-{slug(emb.token)}"
+            path = Path(folder) / (f"{stem}.safetensors" if final else f"{stem}-steps-{step}.safetensors")
+            # SDXL: one {"clip_l", "clip_g"} file, what A1111, ComfyUI and kohya load.
+            write_embedding(emb, path, "kohya" if emb.vectors_2 is not None else "diffusers")
+            out.append(path)
+        return out
+
+    def prompt(self, text: str) -> str:
+        return expand_prompt(text, {token: self.num_vectors for token in self.tokens})
+
+
+class TextualInversion(TokenVectors):
+    name = "textual-inversion"
+
+    def setup(self, components: Components, cfg: RunConfig, device: torch.device,
+              shard: Shard = Shard()) -> Setup:
+        ti = cfg.textual_inversion
+        self.c, self.cfg, self.device, self.shard = components, cfg, device, shard
+        datasets, source = datasets_of(cfg, captions="auto", token=ti.token or None)
+        ts = self.data = training_set(cfg, components, datasets, source)
+        for sub in ts.subsets:
+            if sub.is_reg:
+                raise ConceptorError(f"{source}: {sub.name} is a regularisation subset; textual inversion trains only "
+                                     "its tokens' vectors, which class captions never contain, so it would do nothing")
+        self.add_concept_tokens(components, ts, source, ti)
         # Before any image is resized: at --resolution 200000 PIL alone would ask for 160 GB.
         w, h = max((it.size for it in ts.items), key=lambda s: s[0] * s[1])
         check_vae_memory(components.vae, 1, h, w, f"--resolution {max(w, h)}", "VAE encoder")
         self.latents = LatentSet(components, ts, list(range(len(ts.items))), any_flips(ts, cfg.data.flip_p))
         self.order = EntryOrder(ts.entries(False), [it.size for it in ts.items], cfg.train.batch_size * shard.world,
                                 cfg.train.seed)
-
-        # One trained row block per CLIP encoder (SDXL and SD3 train both, the 768- and the 1280-wide one); each
-        # block holds every token's vectors, in self.tokens order.
-        self.embeddings = []
-        for (tok, te), ids in zip(clips, init_ids):
-            for token, init_id in zip(self.tokens, ids):
-                init = te.get_input_embeddings().weight[init_id].detach().float()
-                emb = add_tokens(tok, te, token, init.repeat(ti.vectors, 1))
-            self.embeddings.append(emb)
-        self.first_trained_row = self.embeddings[0].new.shape[0] - ti.vectors * len(self.tokens)
         self._ids_cache: dict[str, list[torch.Tensor]] = {}
-        log.info("textual inversion: %d image(s), token(s) %s x%d vector(s) initialised from %s%s",
-                 len(ts.items), ", ".join(self.tokens), ti.vectors, ", ".join(repr(inits[t]) for t in self.tokens),
-                 " in both CLIP text encoders" if len(clips) > 1 else "")
         return Setup([{"params": [e.new for e in self.embeddings]}])
 
     # -- per step --------------------------------------------------------------------------------
@@ -151,8 +236,8 @@ class TextualInversion:
         mine = shard.rows(n)
         if not mine:  # a short last batch of a bucket can leave a process empty; it still joins the average
             return sum(e.new.sum() * 0.0 for e in self.embeddings)
-        prompts = [realise(fill(self.captions[idx[j]][choice[j] % len(self.captions[idx[j]])], self.item_token[idx[j]]),
-                           ts.subset_of(idx[j]), caption_rng(cfg.train.seed, micro_index, j)) for j in mine]
+        prompts = [realise(self.concept_caption(idx[j], choice[j]), ts.subset_of(idx[j]),
+                           caption_rng(cfg.train.seed, micro_index, j)) for j in mine]
         latents, weight = self.latents.sample(idx, flip_probabilities(ts, idx, cfg.data.flip_p), generator, rows=mine,
                                               mask_weight=cfg.data.mask_weight)
         hidden, pooled = encode(self.c, self._ids(prompts))
@@ -163,42 +248,14 @@ class TextualInversion:
         return shard.mean(per_sample, n)
 
     # -- state and files -------------------------------------------------------------------------
-    def vectors(self, k: int = 0) -> torch.Tensor:
-        """Every token's trained rows in encoder ``k`` (its tokens in self.tokens order, ``vectors`` rows each)."""
-        return self.embeddings[k].new[self.first_trained_row:].detach().float().cpu()
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        keys = ("vectors", "vectors_2")
-        return {keys[k]: self.vectors(k).contiguous() for k in range(len(self.embeddings))}
+        return self.vectors_state()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k, key in enumerate(("vectors", "vectors_2")[:len(self.embeddings)]):
-            v = state.get(key)
-            if v is None or v.shape != self.vectors(k).shape:
-                raise ConceptorError(f"checkpoint holds {None if v is None else tuple(v.shape)} {key} but this run "
-                                     f"trains {tuple(self.vectors(k).shape)}; resume with the same --vectors, tokens "
-                                     "and model")
-            with torch.no_grad():
-                self.embeddings[k].new[self.first_trained_row:] = v.to(self.embeddings[k].new.device)
+        self.load_vectors_state(state)
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
-        """One embedding file per token (what A1111, ComfyUI and diffusers load: one token each); one token keeps
-        the seeds' name learned_embeds.safetensors, several are learned_embeds-<token>.safetensors."""
-        sdxl, v = len(self.embeddings) > 1, self.num_vectors
-        out = []
-        for t, token in enumerate(self.tokens):
-            rows = slice(t * v, (t + 1) * v)
-            emb = Embedding(token=token, vectors=self.vectors()[rows],
-                            vectors_2=self.vectors(1)[rows] if sdxl else None)
-            stem = "learned_embeds" if len(self.tokens) == 1 else f"learned_embeds-{slug(token)}"
-            path = Path(folder) / (f"{stem}.safetensors" if final else f"{stem}-steps-{step}.safetensors")
-            # SDXL: one {"clip_l", "clip_g"} file, what A1111, ComfyUI and kohya load.
-            write_embedding(emb, path, "kohya" if sdxl else "diffusers")
-            out.append(path)
-        return out
-
-    def prompt(self, text: str) -> str:
-        return expand_prompt(text, {token: self.num_vectors for token in self.tokens})
+        return self.save_embeddings(folder, step, final)
 
 
 def slug(token: str) -> str:

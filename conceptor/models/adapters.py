@@ -53,6 +53,10 @@ def add_adapters(modules: dict[str, torch.nn.Module], lora, text_lr: float | Non
         else:
             group = {"params": add_lora(module, lora.rank, lora.alpha, TEXT_LORA_TARGETS, seed + k)}
             groups.append({**group, "lr": text_lr} if text_lr else group)
+    if getattr(lora, "init_from", None):  # --init-lora: continue from a file instead of the fresh init
+        from .init_from import init_lora_from
+
+        init_lora_from(modules, lora.init_from, None)
     return groups
 
 

@@ -17,6 +17,9 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+    # A parameter a method has frozen for the rest of the run (pivotal tuning's vectors after --ti-frac) is left
+    # out on every process alike: a zero gradient would still move it through AdamW's momentum.
+    params = [p for p in params if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = _flatten_dense_tensors(grads)
     dist.all_reduce(flat)
