@@ -95,23 +95,27 @@ class Model:
         return self.components.default_guidance
 
     def add_embedding(self, path: str | Path, token: str | None = None) -> str:
-        """Load a textual-inversion file (diffusers, A1111 or kohya format); returns its token."""
-        from .formats.embeddings import read_embedding
+        """Load a textual-inversion file (diffusers, A1111, kohya, SDXL clip_l/clip_g, or every embedding bundled
+        in a LoRA file); returns its (first) token. ``token`` renames a one-embedding file or picks one of a
+        bundle's."""
+        from .formats.embeddings import read_embedding, read_embeddings
         from .models.tokens import add_tokens
 
-        emb = read_embedding(path, token=token)
+        embeddings = [read_embedding(path, token=token)] if token else read_embeddings(path)
         c = self.components
         pair = len(c.clip_encoders) == 2  # SDXL and SD3 have CLIP-L and CLIP-G; SD 1/2 and Flux one CLIP
-        if pair != (emb.vectors_2 is not None):
-            kind = "SDXL (clip_l + clip_g)" if emb.vectors_2 is not None else "SD 1/2 (one CLIP encoder)"
-            model = {"sd1": "SD 1/2", "sd2": "SD 1/2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}[c.family]
-            raise ConceptorError(f"{Path(path).name} is an {kind.split(' (')[0]} embedding but the model is {model}, "
-                                 f"which takes {'clip_l + clip_g' if pair else 'one-CLIP'} embeddings; use one made "
-                                 "for this model family")
-        for (tok, te), v in zip(c.clip_encoders, (emb.vectors, emb.vectors_2)):
-            add_tokens(tok, te, emb.token, v.to(te.dtype))
-        self.tokens[emb.token] = emb.num_vectors
-        return emb.token
+        for emb in embeddings:
+            if pair != (emb.vectors_2 is not None):
+                kind = "SDXL (clip_l + clip_g)" if emb.vectors_2 is not None else "SD 1/2 (one CLIP encoder)"
+                model = {"sd1": "SD 1/2", "sd2": "SD 1/2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}[c.family]
+                raise ConceptorError(f"{Path(path).name} is an {kind.split(' (')[0]} embedding but the model is "
+                                     f"{model}, which takes {'clip_l + clip_g' if pair else 'one-CLIP'} embeddings; "
+                                     "use one made for this model family")
+        for emb in embeddings:
+            for (tok, te), v in zip(c.clip_encoders, (emb.vectors, emb.vectors_2)):
+                add_tokens(tok, te, emb.token, v.to(te.dtype))
+            self.tokens[emb.token] = emb.num_vectors
+        return embeddings[0].token
 
     def add_lora(self, path: str | Path, scale: float = 1.0) -> int:
         """Merge a LoRA (diffusers/PEFT or kohya file) into the weights at ``scale``; LoRAs add up."""
@@ -160,6 +164,8 @@ def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, lor
     for m in (*components.text_encoders, components.vae, components.denoiser):
         m.to(device, dtype=dtype).eval()
     loaded = Model(components)
+    from .formats.bundle import has_bundled_embeddings
+
     for (path, scale), arg in zip(parsed_loras, loras):
         loaded.add_lora(path, scale)
         folder = Path(str(arg).rsplit(":", 1)[0]) if not Path(str(arg)).exists() else Path(str(arg))
@@ -167,6 +173,8 @@ def load(model: str | None = None, embeddings: Iterable[str | Path] = (), *, lor
             for emb in sorted(folder.glob("learned_embeds*.safetensors")):
                 if "-steps-" not in emb.name:
                     loaded.add_embedding(emb)
+        elif has_bundled_embeddings(path):  # a LoRA with its embeddings inside (A1111's bundle_emb)
+            loaded.add_embedding(path)
     for e in embeddings:
         for path, token in parse_embedding_arg(str(e)):
             loaded.add_embedding(path, token)

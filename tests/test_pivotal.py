@@ -147,3 +147,18 @@ def test_bad_input_is_one_line(cli, tiny_sd1, concept_images, tmp_path, args, me
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_bundle_alone_gives_the_lora_and_the_token(tiny_sd1, concept_images, tmp_path):
+    """--lora BUNDLE.safetensors (A1111's one-file form) loads what --lora RUN loads."""
+    result = api.train(pv_config(tiny_sd1, concept_images, tmp_path / "run", {"ti_frac": 1.0}))
+    from_run = api.load(str(tiny_sd1), loras=[str(result.output)]).components
+    from_bundle = api.load(str(tiny_sd1), loras=[str(result.output / "sks.safetensors")]).components
+    x, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    outs = []
+    for c in (from_run, from_bundle):
+        ids = c.tokenizer(["a photo of <sks> <sks>_1 toy"], padding="max_length", max_length=77,
+                          return_tensors="pt").input_ids
+        with torch.no_grad():
+            outs.append(c.unet(x, t, c.text_encoder(ids)[0]).sample)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)

@@ -75,3 +75,17 @@ def read_bundle(path: str | Path) -> tuple[LoraWeights, list[Embedding]]:
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """fp32, on the CPU and contiguous: what safetensors writes and every loader takes."""
     return t.detach().float().cpu().contiguous()
+
+
+def has_bundled_embeddings(path: str | Path) -> bool:
+    """Whether a .safetensors file carries bundle_emb.* keys (read from its header only, no tensors)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        return False
+    try:
+        with safe_open(str(p), "pt") as f:
+            return any(is_bundle_key(k) for k in f.keys())
+    except Exception:  # not a safetensors file after all: the LoRA reader reports that, in its words
+        return False
