@@ -15,13 +15,15 @@ REQUIRED = {  # the smallest valid command per method; a flag under test replace
     "textual-inversion": ["--token", "<t>", "--init-token", "toy", "--images", "imgs"],
     "dreambooth": ["--instance-prompt", "a photo of sks toy", "--images", "imgs"],
     "finetune": ["--dataset", "data.csv"],
+    "pivotal": ["--token", "<t>", "--init-token", "toy", "--images", "imgs"],
 }
 # Flags that on purpose only restate a default (none today: finetune's --center-crop, once one, now sets
 # data.center_crop like every method's).
 PURE_ALIASES: set[tuple[str, str]] = set()
 NOT_SETTINGS = {"help", "config"}  # --config names the file the settings come from
 # Values other than the defaults that pass validation, where the generic ones below would not.
-VALUES = {"resolution": "72", "vectors": "3", "class_prompt": "a photo of a toy", "class_images": "class-dir"}
+VALUES = {"resolution": "72", "vectors": "3", "class_prompt": "a photo of a toy", "class_images": "class-dir",
+          "instance_prompt": "a photo of {} toy", "ti_frac": "0.37"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -72,13 +74,16 @@ def test_every_train_flag_reaches_the_saved_config(method, action):
     if flag in argv:  # a required flag under test: replace its value
         i = argv.index(flag)
         del argv[i:i + 2]
-    if flag == "--dataset" and "--images" in argv:  # one or the other describes the data
-        i = argv.index("--images")
-        del argv[i:i + 2]
+    if flag == "--dataset":  # it replaces --images (and the instance prompt: its rows carry their captions)
+        for other in ("--images", "--instance-prompt"):
+            if other in argv:
+                i = argv.index(other)
+                del argv[i:i + 2]
     if flag == "--class-images":  # needs prior preservation on to be valid
         argv += ["--class-prompt", "a photo of a toy"]
         base = _config(base_argv + ["--class-prompt", "a photo of a toy"])
-    if flag == "--lora-text-encoder" or (flag == "--quantize" and method != "textual-inversion"):
+    needs_lora = method in ("dreambooth", "finetune")  # pivotal tuning always trains a LoRA
+    if needs_lora and (flag in ("--lora-text-encoder", "--init-lora") or flag == "--quantize"):
         argv += ["--lora"]  # both need a LoRA run to be valid (--quantize freezes the base)
         base = _config(base_argv + ["--lora"])
     changed = _config(argv + words)

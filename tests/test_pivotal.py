@@ -162,3 +162,16 @@ def test_the_bundle_alone_gives_the_lora_and_the_token(tiny_sd1, concept_images,
         with torch.no_grad():
             outs.append(c.unet(x, t, c.text_encoder(ids)[0]).sample)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_sdxl_trains_both_encoders_and_bundles_clip_l_and_clip_g(tiny_sdxl, concept_images, tmp_path):
+    result = api.train(pv_config(tiny_sdxl, concept_images, tmp_path / "run", {"ti_frac": 1.0}, steps=2))
+    emb = read_embedding(result.output / "learned_embeds.safetensors")
+    assert emb.vectors.shape[0] == emb.vectors_2.shape[0] == 2 and emb.vectors.shape[1] != emb.vectors_2.shape[1]
+    with safe_open(str(result.output / "sks.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"bundle_emb.<sks>.clip_l", "bundle_emb.<sks>.clip_g"} <= keys
+    _, embeddings = read_bundle(result.output / "sks.safetensors")
+    assert torch.equal(embeddings[0].vectors_2, emb.vectors_2)
+    loaded = api.load(str(tiny_sdxl), loras=[str(result.output)])
+    assert "<sks>" in loaded.components.tokenizer_2.get_vocab()
