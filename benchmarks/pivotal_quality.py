@@ -7,8 +7,10 @@ case: a word is missing), and (b) the arrow, which pretraining never drew (Dream
 Methods, each with its own recipe from docs/benchmarks.md:
 - textual inversion: token <c> from "object", the toy templates, lr 5e-3 cosine, min-SNR 5, batch 8;
 - DreamBooth-LoRA: "a photo of a sks object", r8 attention, lr 1.5e-3, batch 2 + 2 class images;
-- pivotal: token <c> (2 vectors from "object") in "a photo of a {}", vectors at lr 5e-3 for --ti-frac 0.5 of the
-  steps, LoRA r8 attention at lr 1.5e-3, batch 2 + 2 class images.
+- pivotal: token <c> (2 random vectors, diffusers' default; --init WORD starts them from a word) in
+  "a photo of a {} object" (the token and the class word, as
+  diffusers' "a photo of TOK dog"), vectors at lr --embedding-lr for --ti-frac 0.5 of the steps, LoRA r8
+  attention at lr 1.5e-3, batch 2 + 2 class images.
 DreamBooth and pivotal use prior preservation with the same 50 class images of "a photo of a object". Scores
 (`conceptor eval`, 16 images each): fidelity, similarity, editability and class-prior retention.
 """
@@ -29,7 +31,8 @@ CLASS = "a photo of a object"
 
 
 def recipe(method: str, work: Path, images: Path, out: Path, steps: int, seed: int, model: str | None,
-           ti_frac: float) -> dict:
+           ti_frac: float, embedding_lr: float = 5e-3, prompt: str = "a photo of a {} object",
+           init: str = "") -> dict:
     from conceptor.toyworld.concept import TEMPLATES
 
     train = {"output": str(out), "steps": steps, "checkpoint_every": 0, "log_every": 50, "overwrite": True,
@@ -45,8 +48,8 @@ def recipe(method: str, work: Path, images: Path, out: Path, steps: int, seed: i
                 "lora": {"enabled": True, "rank": 8},
                 "dreambooth": {"instance_prompt": "a photo of a sks object", **prior}}
     return {**common, "optim": {"lr": 1.5e-3}, "train": {**train, "batch_size": 2}, "lora": {"rank": 8},
-            "pivotal": {"token": "<c>", "init_token": "object", "vectors": 2, "instance_prompt": "a photo of a {}",
-                        "embedding_lr": 5e-3, "ti_frac": ti_frac, **prior}}
+            "pivotal": {"token": "<c>", "init_token": init, "vectors": 2, "instance_prompt": prompt,
+                        "embedding_lr": embedding_lr, "ti_frac": ti_frac, **prior}}
 
 
 def main() -> None:
@@ -56,6 +59,9 @@ def main() -> None:
     ap.add_argument("--concepts", default="crescent,arrow")
     ap.add_argument("--methods", default="textual-inversion,dreambooth,pivotal")
     ap.add_argument("--ti-frac", type=float, default=0.5)
+    ap.add_argument("--embedding-lr", type=float, default=5e-3)
+    ap.add_argument("--prompt", default="a photo of a {} object", help="pivotal's instance prompt")
+    ap.add_argument("--init", default="", help="pivotal's init word (default: random vectors, as diffusers')")
     ap.add_argument("--eval-images", type=int, default=16)
     ap.add_argument("--model", default=None, help="model folder (default: the bundled toy UNet model)")
     ap.add_argument("--work", default=None)
@@ -83,7 +89,7 @@ def main() -> None:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 out = work / f"{concept}-{method}-{seed}"
                 cfg = build_config(method, recipe(method, work, images, out, args.steps, seed, args.model,
-                                                  args.ti_frac), {})
+                                                  args.ti_frac, args.embedding_lr, args.prompt, args.init), {})
                 t0 = time.time()
                 api.train(cfg)
                 train_s = round(time.time() - t0, 1)

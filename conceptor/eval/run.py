@@ -83,6 +83,11 @@ def evaluate_run(run: str | Path, *, model: str | None = None, n: int = 16, step
     return scores
 
 
+def pivotal_subject(instance_prompt: str, token: str) -> str:
+    """The phrase a pivotal run's prompts name its concept with: the instance prompt's subject, token filled in."""
+    return subject_of(instance_prompt.replace("{}", token))
+
+
 def cfg_section(method: str) -> str:
     return method.replace("-", "_")
 
@@ -103,6 +108,8 @@ def _concepts(cfg: dict) -> list[tuple[str, list]]:
     own = cfg[cfg_section(method)].get("token") if tokens else subject_of(cfg["dreambooth"].get("instance_prompt")
                                                                           or "")
     if d.get("images"):
+        if method == "pivotal" and cfg["pivotal"].get("instance_prompt"):  # "a photo of {} dog" -> "<tok> dog"
+            own = pivotal_subject(cfg["pivotal"]["instance_prompt"], own)
         return [(own, concept_images(d["images"]))]
     ts = read_training_set(d["dataset"]) if str(d["dataset"]).lower().endswith(".toml") else \
         load_training_set([shorthand("--dataset", source=d["dataset"], image_column=d.get("image_column"),
@@ -112,6 +119,8 @@ def _concepts(cfg: dict) -> list[tuple[str, list]]:
         if sub.is_reg:
             continue
         subject = (sub.token or own) if tokens else subject_of(sub.class_tokens or own)
+        if method == "pivotal" and not sub.token and cfg["pivotal"].get("instance_prompt"):
+            subject = pivotal_subject(cfg["pivotal"]["instance_prompt"], own)
         paths = [it.example.path for it in ts.items if it.subset == k and it.example.path is not None]
         if subject and paths and subject not in [s for s, _ in out]:
             out.append((subject, paths))

@@ -34,7 +34,8 @@ log = logging.getLogger("conceptor")
 @dataclass
 class PivotalConfig:
     token: str = opt("", "the new token, e.g. '<sks>' (a dataset config may give each subset its own)")
-    init_token: str = opt("", "one existing word to start its vectors from, e.g. dog")
+    init_token: str = opt("", "one existing word to start its vectors from, e.g. dog (default: random vectors at "
+                              "the vocabulary's scale, as diffusers' script)")
     vectors: int = opt(2, "vectors per token (default 2, as diffusers' script)", metavar="N")
     instance_prompt: str | None = opt(None, "prompt of your images with the token or {}: 'a photo of {} dog' "
                                             "(default: the templates of --what; caption files win)", metavar="P")
@@ -66,8 +67,6 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
     return [
         (d.images or d.dataset, "--images is required: a folder with 3-20 pictures of your concept (or --dataset)"),
         (bool(pv.token) or file, "--token is required, e.g. --token '<sks>'"),
-        (bool(pv.init_token) or file or pv.init_embedding,
-         "--init-token is required: one word close to the concept, e.g. dog (or --init-embedding FILE)"),
         (1 <= pv.vectors <= 64, "--vectors must be between 1 and 64"),
         (pv.embedding_lr > 0, "--embedding-lr must be positive"),
         (0 < pv.ti_frac <= 1, "--ti-frac must be in (0, 1]: the share of steps the vectors train"),
@@ -85,6 +84,7 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
 
 class Pivotal(TokenVectors, DreamBooth):
     name = "pivotal"
+    random_init_ok = True  # no --init-token: random vectors (textual inversion asks for a word)
 
     def setup(self, components: Components, cfg: RunConfig, device: torch.device, shard: Shard = Shard()) -> Setup:
         pv = cfg.options

@@ -56,11 +56,16 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
     ]
 
 
+RANDOM = "(random)"  # a token without an init word (pivotal tuning allows it): random rows
+
+
 class TokenVectors:
     """New tokens and their trained vectors, in every CLIP encoder: what textual inversion trains and what pivotal
     tuning trains beside its LoRA. Each concept subset names its token (``token``, or the run's ``--token``) and the
     word it starts from; an item is captioned by its own caption or class_tokens ("{}" or the token marks the
     concept), else by the templates."""
+
+    random_init_ok = False  # a token needs an init word (or --init-embedding) unless the method says otherwise
 
     def add_concept_tokens(self, components: Components, ts, source: str, opts) -> None:
         self.num_vectors = opts.vectors
@@ -72,6 +77,8 @@ class TokenVectors:
             token, init = sub.token or opts.token, sub.init_token or opts.init_token
             if opts.init_embedding and not init:
                 init = f"file {opts.init_embedding}"
+            if not init and self.random_init_ok:
+                init = RANDOM
             if not token or not init:
                 raise ConceptorError(f"{source}: {sub.name} needs token and init_token (or --token/--init-token)")
             if token not in inits:
@@ -87,8 +94,8 @@ class TokenVectors:
                 for name in token_names(token, opts.vectors):
                     check_new_token(tok, name)
         start = self._init_vectors(opts, clips)  # --init-embedding: the file's vectors, else the init words'
-        init_ids = [[initializer_id(tok, inits[t]) if start is None else None for t in self.tokens]
-                    for tok, _ in clips]
+        init_ids = [[initializer_id(tok, inits[t]) if start is None and inits[t] != RANDOM else None
+                     for t in self.tokens] for tok, _ in clips]
         templates = load_templates(opts.what, opts.templates)
 
         # Per concept item: its caption choices and the token its "{}" stands for (regularisation items: none).
@@ -127,6 +134,10 @@ class TokenVectors:
             for token, init_id in zip(self.tokens, ids):
                 if start is not None:
                     init = start[k].to(te.get_input_embeddings().weight.device)
+                elif init_id is None:  # no init word: random rows at the vocabulary's scale, as diffusers' script
+                    weight = te.get_input_embeddings().weight.detach().float()
+                    g = torch.Generator().manual_seed(self.cfg.train.seed + 7919 * (k + 1))
+                    init = (torch.randn(opts.vectors, weight.shape[1], generator=g) * weight.std()).to(weight.device)
                 else:
                     init = te.get_input_embeddings().weight[init_id].detach().float().repeat(opts.vectors, 1)
                 emb = add_tokens(tok, te, token, init)
