@@ -32,7 +32,7 @@ CLASS = "a photo of a object"
 
 def recipe(method: str, work: Path, images: Path, out: Path, steps: int, seed: int, model: str | None,
            ti_frac: float, embedding_lr: float = 5e-3, prompt: str = "a photo of a {} object",
-           init: str = "") -> dict:
+           init: str = "", lora_lr: float = 1.5e-3, scheduler: str = "constant") -> dict:
     from conceptor.toyworld.concept import TEMPLATES
 
     train = {"output": str(out), "steps": steps, "checkpoint_every": 0, "log_every": 50, "overwrite": True,
@@ -47,7 +47,8 @@ def recipe(method: str, work: Path, images: Path, out: Path, steps: int, seed: i
         return {**common, "optim": {"lr": 1.5e-3}, "train": {**train, "batch_size": 2},
                 "lora": {"enabled": True, "rank": 8},
                 "dreambooth": {"instance_prompt": "a photo of a sks object", **prior}}
-    return {**common, "optim": {"lr": 1.5e-3}, "train": {**train, "batch_size": 2}, "lora": {"rank": 8},
+    return {**common, "optim": {"lr": lora_lr, "lr_scheduler": scheduler}, "train": {**train, "batch_size": 2},
+            "lora": {"rank": 8},
             "pivotal": {"token": "<c>", "init_token": init, "vectors": 2, "instance_prompt": prompt,
                         "embedding_lr": embedding_lr, "ti_frac": ti_frac, **prior}}
 
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--ti-frac", type=float, default=0.5)
     ap.add_argument("--embedding-lr", type=float, default=5e-3)
     ap.add_argument("--prompt", default="a photo of a {} object", help="pivotal's instance prompt")
+    ap.add_argument("--lora-lr", type=float, default=1.5e-3, help="pivotal's LoRA learning rate")
+    ap.add_argument("--scheduler", default="constant", choices=("constant", "cosine"), help="pivotal's schedule")
     ap.add_argument("--init", default="", help="pivotal's init word (default: random vectors, as diffusers')")
     ap.add_argument("--eval-images", type=int, default=16)
     ap.add_argument("--model", default=None, help="model folder (default: the bundled toy UNet model)")
@@ -89,7 +92,8 @@ def main() -> None:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 out = work / f"{concept}-{method}-{seed}"
                 cfg = build_config(method, recipe(method, work, images, out, args.steps, seed, args.model,
-                                                  args.ti_frac, args.embedding_lr, args.prompt, args.init), {})
+                                                  args.ti_frac, args.embedding_lr, args.prompt, args.init,
+                                                  args.lora_lr, args.scheduler), {})
                 t0 = time.time()
                 api.train(cfg)
                 train_s = round(time.time() - t0, 1)
