@@ -14,12 +14,23 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-prompt", help="DreamBooth: class prompt for prior retention (default: the run's)")
+    p.add_argument("--clip-model", metavar="M",
+                   help="real-model metrics instead of the toy world: CLIP-T and CLIP-I with this CLIP (hub id in "
+                        "the cache, or folder; e.g. openai/clip-vit-large-patch14)")
+    p.add_argument("--dino-model", metavar="M",
+                   help="real-model metrics instead of the toy world: DINO similarity and DreamBooth prior drift "
+                        "with this ViT (e.g. facebook/dino-vits16)")
     p.set_defaults(handler=run)
 
 
 def run(args) -> None:
     from ..eval.run import evaluate_run
 
+    if args.clip_model or args.dino_model:
+        from .eval_metrics import print_metrics, run_metrics
+
+        print_metrics(run_metrics(args))
+        return
     scores = evaluate_run(args.run, model=args.model, n=args.num_images, steps=args.steps,
                           guidance=args.guidance, seed=args.seed, class_prompt=args.class_prompt)
     if scores["method"] == "finetune":

@@ -22,12 +22,11 @@ def default_cache_dir() -> Path:
 
 
 def fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a module's weights: two models with any differing weight get different keys."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """A short hash of a module's weights: two models with any differing weight get different keys.
+    The files' ``conceptor.base_model_hash`` is the same hash, so a cache key and a file name one model."""
+    from ..formats.metadata import weights_hash
+
+    return weights_hash(module)
 
 
 def key(*parts) -> str:

@@ -84,6 +84,12 @@ class LatentSet:
                     self.masks[k] = torch.stack([m, m.flip(-1)]) if flip else m[None]
             self.blocks.append((mean, std))
 
+    def means(self, index: list[int]) -> torch.Tensor:
+        """Scaled posterior means (unflipped) of items ``index``, all of one training size."""
+        places = [self.place[self.index[i]] for i in index]
+        block = self.blocks[places[0][0]][0]
+        return scale_latents(self.vae, block[0, torch.tensor([p[1] for p in places])])
+
     def sample(self, index: list[int], flip_p: float, generator: torch.Generator, rows: range | None = None,
                mask_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scaled latents of items ``index`` (TrainingSet indices), each flipped with probability ``flip_p``, and
@@ -148,3 +154,74 @@ def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.
     if train.snr_gamma:
         per_sample = per_sample * D.min_snr_weight(D.snr(t, acp), train.snr_gamma, c.prediction_type)
     return per_sample
+
+
+# Validation loss (issue 23): the denoising loss at fixed noise levels with fixed noise, on the posterior means of
+# a fixed set of images, so two evaluations of the same weights give the same number and a curve over steps
+# compares like with like (the training loss draws new levels and noise every step, which is most of its noise).
+VAL_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fractions of the schedule: DDPM timesteps / flow-matching sigmas
+VAL_MAX_IMAGES = 32
+
+
+@torch.no_grad()
+def loss_at_levels(components: Components, latents: torch.Tensor, hidden: torch.Tensor, train: TrainConfig,
+                   added_cond: dict | None, noise_seed: int) -> torch.Tensor:
+    """Per-sample loss averaged over VAL_LEVELS, with noise drawn from ``noise_seed`` alone."""
+    c = components
+    n = len(latents)
+    g = torch.Generator().manual_seed(noise_seed)
+    per_level = []
+    for level in VAL_LEVELS:
+        noise = torch.randn(latents.shape, generator=g).to(latents.device)
+        if c.flow is not None:
+            from ..families.flow import flow_loss_at, settings_of
+
+            s = settings_of(train)
+            sigmas = torch.full((n,), level, device=latents.device)
+            per_level.append(flow_loss_at(c, c.flow, latents, noise, sigmas, hidden, added_cond["pooled"], "none",
+                                          s.guidance_scale, s.x0_loss))
+            continue
+        acp = c.scheduler.alphas_cumprod.to(latents.device)
+        t = torch.full((n,), int(level * c.scheduler.config.num_train_timesteps), dtype=torch.long,
+                       device=latents.device)
+        dtype = next(c.unet.parameters()).dtype
+        added = {k: v.to(dtype) for k, v in added_cond.items()} if added_cond is not None else None
+        noisy = D.add_noise(latents, noise, t, acp).to(dtype)
+        pred = c.unet(noisy, t, hidden.to(dtype), added_cond_kwargs=added).sample
+        per_level.append(D.mse_per_sample(pred, D.target_for(c.prediction_type, latents, noise, t, acp)))
+    return torch.stack(per_level).mean(0)
+
+
+class eval_mode:
+    """Modules in eval mode for a measurement, then back as they were."""
+
+    def __init__(self, *modules):
+        self.modules = [m for m in modules if m is not None]
+
+    def __enter__(self):
+        self.was = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc):
+        for m, was in zip(self.modules, self.was):
+            m.train(was)
+
+
+def validation_loss(components: Components, latents: "LatentSet", index: list[int], captions: list[str],
+                    train: TrainConfig, size_of) -> float:
+    """The fixed-noise loss of items ``index`` (TrainingSet indices, at most VAL_MAX_IMAGES) with ``captions``:
+    one batch per training size; item k's noise comes from seed k, whatever the batching."""
+    from ..models.text import added_conditioning, encode, token_ids
+
+    c = components
+    index, captions = index[:VAL_MAX_IMAGES], captions[:VAL_MAX_IMAGES]
+    total, count = 0.0, 0
+    with eval_mode(c.denoiser, *c.text_encoders), torch.no_grad():
+        for k, (i, text) in enumerate(zip(index, captions)):  # one item at a time: its noise is its own
+            x = latents.means([i]).to(next(c.denoiser.parameters()).device)
+            hidden, pooled = encode(c, token_ids(c, [text]))
+            w, h = size_of(i)
+            per = loss_at_levels(c, x, hidden, train, added_conditioning(c, pooled, (h, w)), noise_seed=k)
+            total, count = total + float(per.sum()), count + len(per)
+    return total / max(count, 1)

@@ -33,7 +33,7 @@ from ..models.save import save_pipeline
 from ..models.text import added_conditioning, encode, token_ids
 from ..sampling.pipeline import check_vae_memory
 from ..training.method import Setup, Shard
-from .denoise import LatentSet, denoising_loss
+from .denoise import LatentSet, denoising_loss, validation_loss
 from .trainset import any_flips, datasets_of, flip_probabilities, training_set
 
 log = logging.getLogger("conceptor")
@@ -259,6 +259,13 @@ class DreamBooth:
         if self.prior is not None:
             loss = loss + self.db.prior_loss_weight * shard.mean(per_sample[b:], n)
         return loss
+
+    def validation_loss(self) -> float:
+        """Fixed-noise loss on the instance images with their captions (methods/denoise.py); the caption options'
+        randomness comes from a step of its own (-1), so it is the same every time."""
+        idx = self.data.indices(False)
+        return validation_loss(self.c, self.instance, idx, self._captions(idx, -1), self.cfg.train,
+                               lambda i: self.data.items[i].size)
 
     # -- state and files -------------------------------------------------------------------------
     def _modules(self) -> dict[str, torch.nn.Module]:

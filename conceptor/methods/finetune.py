@@ -31,7 +31,7 @@ from ..models.save import save_pipeline
 from ..models.text import encode, token_ids
 from ..sampling.pipeline import check_vae_memory
 from ..training.method import Setup, Shard
-from .denoise import denoising_loss, encode_posterior, scale_latents
+from .denoise import VAL_MAX_IMAGES, denoising_loss, encode_posterior, eval_mode, loss_at_levels, scale_latents
 from .trainset import any_flips, datasets_of, flip_probabilities, training_set
 
 log = logging.getLogger("conceptor")
@@ -231,6 +231,27 @@ class Finetune:
         text = realise(self.data.items[i].caption or sub.class_tokens, sub,
                        caption_rng(self.cfg.train.seed, micro_index, row), False)
         return self._encode_one(text)
+
+    def validation_loss(self) -> float | None:
+        """Fixed-noise loss on the first VAL_MAX_IMAGES examples with their cached captions (None with
+        --random-crop: its latents are not cached)."""
+        if self.latents is None:
+            return None
+        c, total, count = self.c, 0.0, 0
+        device = next(c.denoiser.parameters()).device
+        with eval_mode(c.denoiser), torch.no_grad():
+            for i in range(min(len(self.examples), VAL_MAX_IMAGES)):
+                x = scale_latents(c.vae, self.latents[i][0][:1]).to(device)
+                text = self.hidden[i]
+                added = None
+                if c.flow is not None:
+                    added = {"pooled": text["pooled"][None].to(device)}
+                elif c.is_sdxl:
+                    added = {"text_embeds": text["pooled"][None].to(device),
+                             "time_ids": torch.tensor([self.time_ids[i]], dtype=torch.float32, device=device)}
+                per = loss_at_levels(c, x, text["hidden"][None].to(device), self.cfg.train, added, noise_seed=i)
+                total, count = total + float(per.sum()), count + 1
+        return total / max(count, 1)
 
     # -- state and files -------------------------------------------------------------------------
     def _modules(self) -> dict[str, torch.nn.Module]:

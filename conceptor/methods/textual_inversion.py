@@ -24,7 +24,7 @@ from ..models.text import added_conditioning, check_token_fits, encode, token_id
 from ..models.tokens import add_tokens, check_new_token, expand_prompt, initializer_id, token_names
 from ..sampling.pipeline import check_vae_memory
 from ..training.method import Setup, Shard
-from .denoise import LatentSet, denoising_loss
+from .denoise import LatentSet, denoising_loss, validation_loss
 from .trainset import any_flips, datasets_of, flip_probabilities, training_set
 
 log = logging.getLogger("conceptor")
@@ -259,6 +259,12 @@ class TextualInversion(TokenVectors):
         return shard.mean(per_sample, n)
 
     # -- state and files -------------------------------------------------------------------------
+    def validation_loss(self) -> float:
+        """Fixed-noise loss on the training images, each with its first caption (methods/denoise.py)."""
+        idx = list(range(len(self.data.items)))
+        captions = [self.prompt(self.concept_caption(i, 0)) for i in idx]
+        return validation_loss(self.c, self.latents, idx, captions, self.cfg.train, lambda i: self.data.items[i].size)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.vectors_state()
 

@@ -134,6 +134,7 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
         run.record(run.output / "config.yaml", run.output / "metrics.jsonl")
         if start == 0:
             run.record(validate_images(components, cfg, run.output, 0))
+            _validation_loss(run, 0)
     bar = tqdm(total=t.steps, initial=start, desc=method.name, unit="step", dynamic_ncols=True,
                disable=not run.accelerator.is_local_main_process)
     run.started = time.perf_counter()
@@ -149,6 +150,7 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
             _checkpoint(run, step)
         if run.main and t.validation_every and step % t.validation_every == 0 and not is_last:
             run.record(validate_images(components, cfg, run.output, step))
+            _validation_loss(run, step)
     bar.close()
     files = _finish(run) if run.main else []
     run.accelerator.wait_for_everyone()
@@ -289,6 +291,19 @@ def _log(run: _Run, step: int, bar) -> None:
     bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{row['lr']:.2e}")
 
 
+def _validation_loss(run: _Run, step: int) -> float | None:
+    """The method's fixed-noise validation loss (methods/denoise.py) into metrics.jsonl beside the training loss:
+    at the start, every --validation-every steps and at the end (of the weights the run saves)."""
+    measure = getattr(run.method, "validation_loss", None)
+    value = measure() if measure is not None else None
+    if value is None:
+        return None
+    with open(run.output / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "val_loss": value}) + "\n")
+    log.info("step %d: validation loss %.5f", step, value)
+    return value
+
+
 def _checkpoint(run: _Run, step: int) -> None:
     """A step snapshot of the outputs and a resumable checkpoint, never of weights a NaN step touched."""
     t = run.cfg.train
@@ -317,6 +332,7 @@ def _finish(run: _Run) -> list[Path]:
     else:
         files = method.save(output, steps, final=True)
     run.record(*files, validate_images(run.components, run.cfg, output, steps))
+    _validation_loss(run, steps)
     plot_loss(read_metrics(output / "metrics.jsonl"), output / "loss.png")
     run.record(output / "loss.png")
     return files

@@ -28,7 +28,7 @@ def _good_row(row) -> bool:
     """A row this loop writes: an integer step and, where present, finite numbers."""
     if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
         return False
-    numbers = [row[k] for k in ("loss", "lr", "elapsed_s") if k in row]
+    numbers = [row[k] for k in ("loss", "lr", "elapsed_s", "val_loss") if k in row]
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers)
 
 
@@ -44,14 +44,16 @@ def plot_loss(rows: list[dict], path: Path, size=(640, 360)) -> None:
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
     pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     margin = 40
     d.rectangle([margin, 10, w - 10, h - margin], outline="black")
     if len(pts) >= 2:
         steps = [p[0] for p in pts]
         losses = [p[1] for p in pts]
-        lo, hi = min(losses), max(losses)
+        lo, hi = min(losses + [v for _, v in val]), max(losses + [v for _, v in val])
         hi = hi if hi > lo else lo + 1e-6
-        s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+        every = steps + [s for s, _ in val]  # the validation loss starts at step 0, before the first logged loss
+        s0, s1 = min(every), max(every) if max(every) > min(every) else min(every) + 1
 
         def xy(s, v):
             return (margin + (s - s0) / (s1 - s0) * (w - margin - 10),
@@ -61,10 +63,15 @@ def plot_loss(rows: list[dict], path: Path, size=(640, 360)) -> None:
         k = max(1, len(pts) // 20)
         smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
         d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
+        if len(val) >= 2:  # the validation loss: fixed noise and levels, so its points compare across steps
+            d.line([xy(s, v) for s, v in val], fill=(220, 110, 20), width=2)
+        for s, v in val:
+            x, y = xy(s, v)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(220, 110, 20))
         d.text((margin, h - margin + 5), f"step {s0}", fill="black")
         d.text((w - 90, h - margin + 5), f"step {s1}", fill="black")
         d.text((2, 10), f"{hi:.3g}", fill="black")
         d.text((2, h - margin - 12), f"{lo:.3g}", fill="black")
-    d.text((margin + 5, 14), "training loss", fill="black")
+    d.text((margin + 5, 14), "training loss" + (" / validation loss (orange)" if val else ""), fill="black")
     with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")

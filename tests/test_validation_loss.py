@@ -1,0 +1,63 @@
+"""The validation loss: fixed noise levels and noise on fixed images, so the same weights give the same number
+twice and a curve over steps compares like with like; logged beside the training loss and drawn on loss.png."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conceptor import api
+from conceptor.config import build_config
+from conceptor.methods import get_method
+from conceptor.models.load import load_components
+from conceptor.training.method import Shard
+
+
+def _cfg(method, model, images, output, section, **train):
+    data = {"images": str(images)} if method != "finetune" else {"dataset": str(images)}
+    return build_config(method, None, {
+        "model": {"model": str(model)}, "data": data, "optim": {"lr": 1e-2},
+        "train": {"output": str(output), "steps": 4, "batch_size": 1, "log_every": 1, "checkpoint_every": 0,
+                  **train},
+        method.replace("-", "_"): section})
+
+
+TI = {"token": "<t>", "init_token": "toy"}
+
+
+def test_same_weights_same_number_and_training_moves_it(tiny_sd1, concept_images, tmp_path):
+    cfg = _cfg("textual-inversion", tiny_sd1, concept_images, tmp_path / "run", TI)
+    method = get_method("textual-inversion")
+    method.setup(load_components(str(tiny_sd1)), cfg, torch.device("cpu"), Shard())
+    first, again = method.validation_loss(), method.validation_loss()
+    assert first == again and first > 0
+    with torch.no_grad():
+        method.embeddings[0].new[-1] += 0.5  # other vectors for the token: another number
+    assert method.validation_loss() != first
+
+
+@pytest.mark.parametrize("method, section", [
+    ("textual-inversion", TI),
+    ("dreambooth", {"instance_prompt": "a photo of sks toy", "lora": True, "rank": 2}),
+])
+def test_logged_at_start_every_n_and_end_and_drawn(tiny_sd1, concept_images, tmp_path, method, section):
+    result = api.train(_cfg(method, tiny_sd1, concept_images, tmp_path / "run", section, validation_every=2))
+    rows = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == [0, 2, 4] and all(v > 0 for v in val.values())
+    assert sum("loss" in r for r in rows) == 4  # the training loss, every step, beside it
+    assert (result.output / "loss.png").is_file()
+
+
+def test_finetune_has_one_too(tiny_sd1, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (40 * i, 90, 200)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a blue picture number {i}")
+    result = api.train(_cfg("finetune", tiny_sd1, folder, tmp_path / "run", {"cache_dir": "none"}))
+    rows = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 4]
