@@ -19,8 +19,10 @@ from .models.load import Components, bundled_model_path, load_vae, resolve_model
 log = logging.getLogger("conceptor")
 
 
-def train(cfg: RunConfig, components: Components | None = None):
-    """Run one training job described by ``cfg``; returns a TrainResult (output folder, files, last loss)."""
+def train(cfg: RunConfig, components: Components | None = None, scorer=None):
+    """Run one training job described by ``cfg``; returns a TrainResult (output folder, files, last loss).
+    ``scorer``: what --eval-every measures besides the validation loss (``conceptor.train`` builds it from the
+    config: toy-world evaluator, CLIP/DINO)."""
     from .methods import get_method
     from .training.loop import train as run_loop
     from .training.output import check_output
@@ -36,7 +38,7 @@ def train(cfg: RunConfig, components: Components | None = None):
         check_memory(cfg)  # SD3/Flux: the peak-memory estimate, and a stop when it cannot fit, before any weight
     if cfg.lora is not None and cfg.lora.enabled:
         check_adapter_stack()
-    return run_loop(method, components if components is not None else resolve_model(cfg.model), cfg)
+    return run_loop(method, components if components is not None else resolve_model(cfg.model), cfg, scorer)
 
 
 # -- generation ----------------------------------------------------------------------------------

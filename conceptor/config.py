@@ -35,6 +35,9 @@ def opt(default: Any = None, help: str | None = None, *, factory: Callable | Non
 
 
 FLOW_GROUP = "flow matching (SD3, Flux)"
+MEASURE_GROUP = "measuring (when is the concept learned)"
+# what --keep-best can keep; val_loss (and prior drift) are better low, the scores high
+BEST_METRICS = ("val_loss", "fidelity", "similarity", "editability", "clip_t", "clip_i", "dino")
 FLOW_SAMPLING = ("logit_normal", "uniform", "mode")  # training/flow.py's SCHEMES
 FLOW_WEIGHTING = ("none", "sigma_sqrt", "cosmap")  # training/flow.py's WEIGHTINGS
 
@@ -145,6 +148,20 @@ class TrainConfig:
                                   choices=("velocity", "x0"), group=FLOW_GROUP)
     guidance_scale: float | None = opt(None, "Flux.1-dev: the value its guidance embedding gets while training "
                                              "(default 3.5, as diffusers' script)", group=FLOW_GROUP)
+    eval_every: int = opt(0, "score the concept every N steps and at the end into metrics.jsonl: validation loss, "
+                             "and fidelity/similarity/editability (toy world) or CLIP/DINO (--clip-model, "
+                             "--dino-model)", metavar="N", group=MEASURE_GROUP)
+    keep_best: str | None = opt(None, "keep the weights of the best-scoring evaluation as the run's output (says "
+                                      "which step); needs --eval-every", choices=BEST_METRICS, metavar="METRIC",
+                                group=MEASURE_GROUP)
+    clip_model: str | None = opt(None, "CLIP for CLIP-T/CLIP-I scores (folder or hub id in the cache), e.g. "
+                                       "openai/clip-vit-large-patch14", metavar="M", group=MEASURE_GROUP)
+    dino_model: str | None = opt(None, "DINO ViT for DINO scores (folder or cached hub id), e.g. "
+                                       "facebook/dino-vits16", metavar="M", group=MEASURE_GROUP)
+    eval_images: int = opt(8, "images per prompt for --eval-every scores (default 8)", metavar="N",
+                           group=MEASURE_GROUP)
+    metadata_paths: bool = opt(False, "keep this machine's paths in the files' metadata (default: names only)",
+                               group=MEASURE_GROUP)
 
 
 @dataclass
@@ -329,6 +346,14 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
         (t.validation_every >= 0, "--validation-every must be >= 0"),
         (t.log_every >= 1, "--log-every must be at least 1"),
         (t.validation_images >= 1, "--validation-images must be at least 1"),
+        (t.eval_every >= 0, "--eval-every must be >= 0"),
+        (t.eval_images >= 1, "--eval-images must be at least 1"),
+        (t.keep_best is None or t.eval_every > 0, f"--keep-best {t.keep_best} needs --eval-every N (how often to "
+                                                  "score the concept)"),
+        (not (t.keep_best and t.ema), "--keep-best keeps raw weights of one step; with --ema the output is the "
+                                      "average over steps: use one or the other"),
+        (t.keep_best not in ("clip_t", "clip_i") or t.clip_model, f"--keep-best {t.keep_best} needs --clip-model"),
+        (t.keep_best != "dino" or t.dino_model, "--keep-best dino needs --dino-model"),
         (t.validation_sampling_steps >= 1, "train.validation_sampling_steps must be at least 1"),
         (0 <= t.seed <= MAX_TRAIN_SEED, f"--seed must be between 0 and {MAX_TRAIN_SEED}, got {t.seed}"),
         (t.snr_gamma is None or t.snr_gamma > 0, "--snr-gamma must be positive (5.0 is the paper's value)"),

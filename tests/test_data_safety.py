@@ -220,7 +220,7 @@ def test_damaged_saved_state_is_one_line_or_harmless(damage, tiny_sd1, concept_i
     if damage == "metrics-garbage":  # the log is a record, not state: bad rows are dropped, the run goes on
         assert code == 0, err
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [2, 3]  # logged at the last step of each run
+        assert [r["step"] for r in rows if "loss" in r] == [2, 3]  # logged at the last step of each run
         return
     one_error(code, err, "damaged")
     if damage.startswith("config"):

@@ -155,7 +155,7 @@ def test_two_processes_equal_one_with_the_global_batch(tiny_sd1, csv_dataset, tm
     moved = max((a[k] - base[k]).abs().max().item() for k in a)
     assert moved > 1e-4  # it trained
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3 * moved
-    rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    rows = [r for r in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
     assert len(rows) == 3  # one writer
 
 

@@ -61,3 +61,34 @@ def test_finetune_has_one_too(tiny_sd1, tmp_path):
     result = api.train(_cfg("finetune", tiny_sd1, folder, tmp_path / "run", {"cache_dir": "none"}))
     rows = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 4]
+
+
+def test_keep_best_keeps_the_best_steps_weights_and_says_which(tiny_sd1, concept_images, tmp_path, cli):
+    from safetensors import safe_open
+
+    from conceptor.formats.embeddings import read_embedding
+
+    code, out, err = cli("train", "textual-inversion", "--model", tiny_sd1, "--images", concept_images,
+                         "--token", "<t>", "--init-token", "toy", "--steps", "6", "--lr", "0.5",
+                         "--eval-every", "1", "--keep-best", "val_loss", "--checkpoint-every", "1",
+                         "--output", tmp_path / "run")
+    assert code == 0, err
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["eval"]["val_loss"] for r in rows if "eval" in r}
+    assert sorted(scores) == [1, 2, 3, 4, 5, 6]
+    best_step = min(scores, key=scores.get)
+    kept = json.loads((run / "best" / "best.json").read_text())
+    assert kept == {"metric": "val_loss", "step": best_step, "score": scores[best_step]}
+    assert f"kept step {best_step}" in out
+    with safe_open(str(run / "checkpoints" / f"step-{best_step:06d}" / "trained.safetensors"), "pt") as f:
+        want = f.get_tensor("vectors")
+    assert torch.equal(read_embedding(run / "learned_embeds.safetensors").vectors, want)
+    if best_step != 6:  # the last step's own file is kept beside it
+        assert (run / "last" / "learned_embeds.safetensors").is_file()
+
+
+def test_keep_best_needs_eval_every(cli, tiny_sd1, concept_images, tmp_path):
+    code, _, err = cli("train", "textual-inversion", "--model", tiny_sd1, "--images", concept_images,
+                       "--token", "<t>", "--init-token", "toy", "--keep-best", "fidelity", "--output", tmp_path / "o")
+    assert code == 2 and "--eval-every" in err and not (tmp_path / "o").exists()

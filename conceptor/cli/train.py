@@ -79,10 +79,16 @@ def config_from_args(args) -> "RunConfig":  # noqa: F821
 
 
 def run(args) -> None:
-    from .. import api
+    import json
 
-    result = api.train(config_from_args(args))
+    from ..eval.during import train
+
+    result = train(config_from_args(args))
     loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
     print(f"done: {result.step} steps, last loss {loss}; outputs in {result.output}")
     for f in result.files:
         print(f"  {f}")
+    best = result.output / "best" / "best.json"
+    if best.is_file():
+        kept = json.loads(best.read_text())
+        print(f"kept step {kept['step']} ({kept['metric']} {kept['score']:.4g}) as the output (--keep-best)")

@@ -37,6 +37,11 @@ def _load(kind: str, flag: str, name_or_folder: str | Path, build):
     if not folder.is_dir() and (folder.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1):
         # clearly meant as a path (a hub id is "owner/name"): saying "download it" would mislead
         raise ConceptorError(f"{kind} model folder {name} does not exist; pass an existing folder to {flag}")
+    import transformers
+
+    # as models.load.quiet_libraries does for the pipeline: no load-time bars or advisories on the user's screen
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         model, processor = build(str(folder) if folder.is_dir() else name, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:  # transformers raises OSError for "not found locally"

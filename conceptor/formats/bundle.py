@@ -23,11 +23,14 @@ from ..errors import ConceptorError
 from ..fileio import atomic_path
 from .embeddings import BUNDLE_PREFIX, Embedding, bundled_embeddings, is_bundle_key
 from .lora import LoraWeights, lora_of, lora_tensors
+from .metadata import merge_metadata
 from .safe_load import load_tensors
 
 
-def write_bundle(lora: LoraWeights, embeddings: list[Embedding], path: str | Path) -> Path:
-    """Write ``lora`` in kohya layout plus ``embeddings`` under A1111's bundle keys, atomically."""
+def write_bundle(lora: LoraWeights, embeddings: list[Embedding], path: str | Path,
+                 metadata: dict | None = None) -> Path:
+    """Write ``lora`` in kohya layout plus ``embeddings`` under A1111's bundle keys, atomically; ``metadata``
+    (see metadata.build_metadata) joins the header."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":  # A1111 and Forge read bundles from .safetensors LoRA files
         raise ConceptorError(f"{path.name}: bundled LoRA files are written as .safetensors; "
@@ -57,8 +60,9 @@ def write_bundle(lora: LoraWeights, embeddings: list[Embedding], path: str | Pat
             tensors[f"{BUNDLE_PREFIX}{e.token}.clip_l"] = _plain(e.vectors)
             tensors[f"{BUNDLE_PREFIX}{e.token}.clip_g"] = _plain(e.vectors_2)
     # write_lora's metadata, plus the tokens, so tools that list metadata show the prompt words
+    own = {"format": "pt", "bundle_emb": ",".join(tokens)}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "bundle_emb": ",".join(tokens)})
+        save_file(tensors, str(tmp), metadata=merge_metadata(own, metadata))
     return path
 
 

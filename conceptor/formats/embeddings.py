@@ -174,13 +174,17 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     return Embedding(token or stored or name or p.stem, vectors)
 
 
-def write_embedding(emb: Embedding, path: str | Path, fmt: str = "diffusers", step: int | None = None) -> Path:
-    """Write ``emb`` in ``fmt`` atomically. A1111 goes to .pt or .safetensors by the path's suffix."""
+def write_embedding(emb: Embedding, path: str | Path, fmt: str = "diffusers", step: int | None = None,
+                    metadata: dict | None = None) -> Path:
+    """Write ``emb`` in ``fmt`` atomically. A1111 goes to .pt or .safetensors by the path's suffix.
+    ``metadata`` (see metadata.build_metadata) joins a .safetensors header; an A1111 .pt keeps its own fields."""
     from safetensors.torch import save_file
+
+    from .metadata import merge_metadata
 
     p = Path(path)
     v = emb.vectors.detach().float().cpu().contiguous()
-    meta = {"format": fmt, "token": emb.token}
+    meta = merge_metadata({"format": fmt, "token": emb.token}, metadata)
     if fmt not in FORMATS:
         raise ConceptorError(f"unknown embedding format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if emb.vectors_2 is not None:

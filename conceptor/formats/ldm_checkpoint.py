@@ -193,13 +193,16 @@ def _state_dict(part) -> Tensors:
 
 def save_single_file(unet, vae, text_encoder, path: str | Path, family: str,
                      dtype: torch.dtype | None = None, prediction_type: str = "epsilon",
-                     text_encoder_2=None) -> Path:
+                     text_encoder_2=None, metadata: dict | None = None) -> Path:
     """Write modules (or their state dicts) as one LDM ``.safetensors``, atomically; returns the path.
 
     ``dtype`` casts floating-point tensors (e.g. torch.float16 halves the file). Metadata records
-    ``format=ldm`` and the family so our own loader need not guess.
+    ``format=ldm`` and the family so our own loader need not guess; ``metadata`` (see
+    metadata.build_metadata) joins them.
     """
     from safetensors.torch import save_file
+
+    from .metadata import merge_metadata
 
     sd = diffusers_to_ldm(_state_dict(unet), _state_dict(vae), _state_dict(text_encoder), family,
                           _state_dict(text_encoder_2) if text_encoder_2 is not None else None)
@@ -208,7 +211,8 @@ def save_single_file(unet, vae, text_encoder, path: str | Path, family: str,
           for k, v in sd.items()}
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "ldm", "family": family, "prediction_type": prediction_type})
+        own = {"format": "ldm", "family": family, "prediction_type": prediction_type}
+        save_file(sd, str(tmp), metadata=merge_metadata(own, metadata))
     return path
 
 
@@ -269,13 +273,13 @@ def ldm_yaml(unet_config: Mapping, vae_config: Mapping, family: str, prediction_
 
 def save_single_file_with_yaml(unet, vae, text_encoder, path: str | Path, family: str, prediction_type: str,
                                scheduler_config: Mapping, dtype: torch.dtype | None = None,
-                               text_encoder_2=None) -> list[Path]:
+                               text_encoder_2=None, metadata: dict | None = None) -> list[Path]:
     """``save_single_file`` plus ``NAME.yaml`` beside it (see ldm_yaml); returns the paths. SDXL gets no
     yaml: A1111 and ComfyUI recognise SDXL checkpoints by their keys."""
     from ..fileio import write_text
 
     path = save_single_file(unet, vae, text_encoder, path, family, dtype, prediction_type=prediction_type,
-                            text_encoder_2=text_encoder_2)
+                            text_encoder_2=text_encoder_2, metadata=metadata)
     if family == "sdxl":
         return [path]
     side = path.with_suffix(".yaml")

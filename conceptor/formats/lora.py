@@ -23,6 +23,7 @@ from ..errors import ConceptorError
 from ..fileio import atomic_path
 from . import lora_flux
 from .embeddings import is_bundle_key
+from .metadata import merge_metadata
 from .safe_load import load_tensors, refuse_same_file
 
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -193,8 +194,9 @@ def _alpha(alpha: torch.Tensor, where: str, key: str) -> float:
     return value
 
 
-def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Path:
-    """Write atomically in ``to`` layout; the diffusers one is what ``pipe.load_lora_weights`` expects."""
+def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers", metadata: dict | None = None) -> Path:
+    """Write atomically in ``to`` layout; the diffusers one is what ``pipe.load_lora_weights`` expects.
+    ``metadata`` (see metadata.build_metadata) joins the header."""
     if to not in FORMATS:
         raise ConceptorError(f"unknown LoRA format {to!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
@@ -203,7 +205,7 @@ def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers") -> Pa
                              f"and ComfyUI load); name it {path.stem}.safetensors")
     tensors = lora_tensors(lora, to, path.name)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata=merge_metadata({"format": "pt"}, metadata))
     return path
 
 

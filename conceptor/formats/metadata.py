@@ -183,8 +183,8 @@ def _is_path(s: str) -> bool:
 
 def _last(path: str) -> str:
     stripped = path.rstrip("/\\")
-    if not stripped:
-        return ""
+    if not stripped:  # the root names no one
+        return path
     pure = PureWindowsPath(stripped) if "\\" in stripped or _DRIVE.match(stripped) else PurePosixPath(stripped)
     return pure.name or stripped
 

@@ -34,6 +34,7 @@ from ..models.text import added_conditioning, encode, token_ids
 from ..sampling.pipeline import check_vae_memory
 from ..training.method import Setup, Shard
 from .denoise import LatentSet, denoising_loss, validation_loss
+from .provenance import Provenance
 from .trainset import any_flips, datasets_of, flip_probabilities, training_set
 
 log = logging.getLogger("conceptor")
@@ -130,6 +131,7 @@ class DreamBooth:
                                   caption_extension=None, flip=cfg.data.flip_p > 0, is_reg=True).subsets[0]
             datasets = [with_subset(datasets[0], generated)] + datasets[1:]
         ts = self.data = training_set(cfg, components, datasets, source)
+        self.provenance = Provenance(cfg, components, ts)  # the base model's fingerprint, before anything trains
         if class_paths is not None:  # the folder may hold more than --num-class-images: use those asked for
             keep, reg = {Path(p).resolve() for p in class_paths}, len(datasets[0].subsets) - 1
             ts.items = [it for it in ts.items if it.subset != reg or it.example.path.resolve() in keep]
@@ -282,12 +284,20 @@ class DreamBooth:
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
         folder = Path(folder)
+        kind = "lora" if self.lora else "checkpoint"
+        metadata = self.provenance.metadata(kind, step, final, trigger=self.trigger())
         if self.lora:
-            return save_adapters(self._modules(), folder, step, final)
+            return save_adapters(self._modules(), folder, step, final, metadata)
         if not final:
             return []  # a full model per snapshot would be GBs; checkpoints/ holds the weights
         return save_pipeline(self.c, folder, self.cfg.model, self.text_trains, getattr(self.db, "save_single_file",
-                                                                                       False))
+                                                                                       False), metadata)
+
+    def trigger(self) -> str | None:
+        """What the prompt names the concept with: the instance prompt's subject, or the first subset's."""
+        text = getattr(self.db, "instance_prompt", None) or next(
+            (s.class_tokens for s in self.data.subsets if not s.is_reg and s.class_tokens), None)
+        return text
 
 
 SPEC = MethodSpec(name="dreambooth", section="dreambooth", options=DreamBoothConfig, make=DreamBooth,

@@ -32,6 +32,7 @@ from ..models.text import encode, token_ids
 from ..sampling.pipeline import check_vae_memory
 from ..training.method import Setup, Shard
 from .denoise import VAL_MAX_IMAGES, denoising_loss, encode_posterior, eval_mode, loss_at_levels, scale_latents
+from .provenance import Provenance
 from .trainset import any_flips, datasets_of, flip_probabilities, training_set
 
 log = logging.getLogger("conceptor")
@@ -73,6 +74,7 @@ class Finetune:
                                  "diffusers folder the run writes")
         datasets, source = datasets_of(cfg, caption_dropout=ft.caption_dropout)
         ts = self.data = training_set(cfg, components, datasets, source)
+        self.provenance = Provenance(cfg, components, ts)
         if any(s.is_reg for s in ts.subsets):
             raise ConceptorError(f"{source}: regularisation subsets belong to dreambooth (prior preservation); "
                                  "fine-tuning trains on every image alike: remove is_reg or train dreambooth")
@@ -265,11 +267,12 @@ class Finetune:
 
     def save(self, folder: Path, step: int, final: bool) -> list[Path]:
         folder = Path(folder)
+        metadata = self.provenance.metadata("lora" if self.lora else "checkpoint", step, final)
         if self.lora:
-            return save_adapters(self._modules(), folder, step, final)
+            return save_adapters(self._modules(), folder, step, final, metadata)
         if not final:
             return []
-        return save_pipeline(self.c, folder, self.cfg.model, False, self.ft.save_single_file)
+        return save_pipeline(self.c, folder, self.cfg.model, False, self.ft.save_single_file, metadata)
 
 
 

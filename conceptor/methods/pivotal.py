@@ -153,7 +153,11 @@ class Pivotal(TokenVectors, DreamBooth):
             lora.update(lora_from_peft(m, name))
         stem = "-".join(slug(t) for t in self.tokens)
         name = f"{stem}.safetensors" if final else f"{stem}-steps-{step}.safetensors"
-        return files + [write_bundle(lora, self.token_embeddings(), Path(folder) / name)]
+        metadata = self.provenance.metadata("lora", step, final, trigger=" ".join(self.tokens))
+        return files + [write_bundle(lora, self.token_embeddings(), Path(folder) / name, metadata=metadata)]
+
+    def trigger(self) -> str | None:
+        return " ".join(self.tokens) if getattr(self, "tokens", None) else None
 
 
 SPEC = MethodSpec(name="pivotal", section="pivotal", options=PivotalConfig, make=Pivotal,

@@ -25,6 +25,7 @@ from ..models.tokens import add_tokens, check_new_token, expand_prompt, initiali
 from ..sampling.pipeline import check_vae_memory
 from ..training.method import Setup, Shard
 from .denoise import LatentSet, denoising_loss, validation_loss
+from .provenance import Provenance
 from .trainset import any_flips, datasets_of, flip_probabilities, training_set
 
 log = logging.getLogger("conceptor")
@@ -199,7 +200,8 @@ class TokenVectors:
             stem = "learned_embeds" if len(self.tokens) == 1 else f"learned_embeds-{slug(emb.token)}"
             path = Path(folder) / (f"{stem}.safetensors" if final else f"{stem}-steps-{step}.safetensors")
             # SDXL: one {"clip_l", "clip_g"} file, what A1111, ComfyUI and kohya load.
-            write_embedding(emb, path, "kohya" if emb.vectors_2 is not None else "diffusers")
+            write_embedding(emb, path, "kohya" if emb.vectors_2 is not None else "diffusers",
+                            metadata=self.provenance.metadata("textual-inversion", step, final, trigger=emb.token))
             out.append(path)
         return out
 
@@ -220,6 +222,7 @@ class TextualInversion(TokenVectors):
             if sub.is_reg:
                 raise ConceptorError(f"{source}: {sub.name} is a regularisation subset; textual inversion trains only "
                                      "its tokens' vectors, which class captions never contain, so it would do nothing")
+        self.provenance = Provenance(cfg, components, ts)
         self.add_concept_tokens(components, ts, source, ti)
         # Before any image is resized: at --resolution 200000 PIL alone would ask for 160 GB.
         w, h = max((it.size for it in ts.items), key=lambda s: s[0] * s[1])

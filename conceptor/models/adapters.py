@@ -60,7 +60,8 @@ def add_adapters(modules: dict[str, torch.nn.Module], lora, text_lr: float | Non
     return groups
 
 
-def save_adapters(modules: dict[str, torch.nn.Module], folder: Path, step: int, final: bool) -> list[Path]:
+def save_adapters(modules: dict[str, torch.nn.Module], folder: Path, step: int, final: bool,
+                  metadata: dict | None = None) -> list[Path]:
     """The trained LoRA of every module in one diffusers-layout file (``-steps-N`` for a snapshot)."""
     from ..formats.lora import lora_from_peft, write_lora
 
@@ -68,7 +69,7 @@ def save_adapters(modules: dict[str, torch.nn.Module], folder: Path, step: int, 
     for name, m in modules.items():
         lora.update(lora_from_peft(m, name))
     name = LORA_FILE if final else LORA_FILE.replace(".safetensors", f"-steps-{step}.safetensors")
-    return [write_lora(lora, Path(folder) / name, "diffusers")]
+    return [write_lora(lora, Path(folder) / name, "diffusers", metadata=metadata)]
 
 
 def train_whole(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -18,7 +18,7 @@ PARTS = ("unet", "transformer", "text_encoder", "vae", "tokenizer", "scheduler",
 
 
 def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trained: bool,
-                  single_file: bool = False) -> list[Path]:
+                  single_file: bool = False, metadata: dict | None = None) -> list[Path]:
     """Make ``folder`` loadable by ``StableDiffusionPipeline.from_pretrained``.
 
     All parts are staged in a hidden folder and moved in, ``model_index.json`` last, so a half-written
@@ -61,5 +61,6 @@ def save_pipeline(c: Components, folder: Path, model_cfg: ModelConfig, text_trai
         from ..formats.ldm_checkpoint import save_single_file_with_yaml
 
         written += save_single_file_with_yaml(c.unet, vae, te, folder / "model.safetensors", c.family,
-                                              c.prediction_type, c.scheduler_config, text_encoder_2=te2)
+                                              c.prediction_type, c.scheduler_config, text_encoder_2=te2,
+                                              metadata=metadata)
     return written

@@ -62,6 +62,7 @@ class _Run:
     optimizer: Any
     scheduler: Any
     ema: Any
+    scorer: Any = None  # --eval-every's scores besides the validation loss (eval/during.py)
     window: torch.Tensor = None  # summed loss since the last log (on the device: no host sync per step)
     window_n: int = 0
     last_loss: float | None = None
@@ -107,25 +108,28 @@ def validate_images(components: Components, cfg: RunConfig, output: Path, step: 
     return path
 
 
-def train(method: Method, components: Components, cfg: RunConfig) -> TrainResult:
-    """Train ``method`` as ``cfg`` says, holding the output folder's lock (one run per folder)."""
+def train(method: Method, components: Components, cfg: RunConfig, scorer=None) -> TrainResult:
+    """Train ``method`` as ``cfg`` says, holding the output folder's lock (one run per folder). ``scorer``
+    (components, step) -> {metric: value}: what --eval-every measures besides the validation loss (eval/during.py
+    builds it: the loop knows no evaluator)."""
     out = Path(cfg.train.output)
     check_target(out, want_dir=True)
     if int(os.environ.get("RANK", "0")) != 0:  # one lock per run: the main process holds it
-        return _train(method, components, cfg)
+        return _train(method, components, cfg, scorer)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock(out):
-            return _train(method, components, cfg)
+            return _train(method, components, cfg, scorer)
     except BaseException:
         if created:  # refused or failed before writing anything: leave no empty run folder behind
             remove_if_unused(out)
         raise
 
 
-def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResult:
+def _train(method: Method, components: Components, cfg: RunConfig, scorer=None) -> TrainResult:
     run = _set_up(method, components, cfg)
+    run.scorer = scorer
     t = cfg.train
     start = _resume(run)
     if run.main:
@@ -151,6 +155,8 @@ def _train(method: Method, components: Components, cfg: RunConfig) -> TrainResul
         if run.main and t.validation_every and step % t.validation_every == 0 and not is_last:
             run.record(validate_images(components, cfg, run.output, step))
             _validation_loss(run, step)
+        if run.main and t.eval_every and step % t.eval_every == 0 and not is_last:
+            _evaluate(run, step)
     bar.close()
     files = _finish(run) if run.main else []
     run.accelerator.wait_for_everyone()
@@ -304,6 +310,64 @@ def _validation_loss(run: _Run, step: int) -> float | None:
     return value
 
 
+def _evaluate(run: _Run, step: int) -> dict:
+    """--eval-every: the validation loss and the scorer's metrics into metrics.jsonl; with --keep-best a better
+    score stores the method's weights in OUTPUT/best (trained.safetensors + best.json), which survives a resume."""
+    t = run.cfg.train
+    scores = {}
+    measure = getattr(run.method, "validation_loss", None)
+    value = measure() if measure is not None else None
+    if value is not None:
+        scores["val_loss"] = value
+    if run.scorer is not None:
+        scores.update(run.scorer(run.components, step))
+    with open(run.output / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "eval": scores}) + "\n")
+    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    metric = t.keep_best
+    if metric is None:
+        return scores
+    if metric not in scores:
+        raise ConceptorError(f"--keep-best {metric}: the evaluation at step {step} gave no {metric} "
+                             f"(it gave {', '.join(scores) or 'nothing'}); choose one of those")
+    best = _read_best(run.output)
+    lower = metric in ("val_loss",)
+    if best is None or (scores[metric] < best["score"] if lower else scores[metric] > best["score"]):
+        from safetensors.torch import save_file
+
+        folder = run.output / "best"
+        with atomic_path(folder / "trained.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in run.method.state_dict().items()}, str(tmp))
+        write_text(folder / "best.json", json.dumps({"metric": metric, "step": step, "score": scores[metric]}))
+        run.record(folder / "trained.safetensors", folder / "best.json")
+    return scores
+
+
+def _read_best(output: Path) -> dict | None:
+    path = output / "best" / "best.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:  # damaged: scored again from here on
+        return None
+
+
+def _keep_best(run: _Run) -> None:
+    """--keep-best: when an earlier step scored better than the last, its weights become the run's output (the
+    last step's files go to OUTPUT/last)."""
+    best = _read_best(run.output)
+    if run.cfg.train.keep_best is None or best is None:
+        return
+    if best["step"] == run.cfg.train.steps:
+        log.info("--keep-best %s: the last step is the best (%.4g)", best["metric"], best["score"])
+        return
+    from safetensors.torch import load_file
+
+    run.record(*run.method.save(run.output / "last", run.cfg.train.steps, final=True))
+    run.method.load_state_dict(load_file(str(run.output / "best" / "trained.safetensors")))
+    log.info("--keep-best %s: keeping step %d (%.4g) as the output; the last step's files are in %s",
+             best["metric"], best["step"], best["score"], run.output / "last")
+
+
 def _checkpoint(run: _Run, step: int) -> None:
     """A step snapshot of the outputs and a resumable checkpoint, never of weights a NaN step touched."""
     t = run.cfg.train
@@ -324,6 +388,9 @@ def _checkpoint(run: _Run, step: int) -> None:
 def _finish(run: _Run) -> list[Path]:
     """The final outputs (the EMA average, when kept, with the raw weights in OUTPUT/raw), grid and curve."""
     method, steps, output = run.method, run.cfg.train.steps, run.output
+    if run.cfg.train.eval_every:
+        _evaluate(run, steps)
+        _keep_best(run)
     if run.ema is not None:
         files = method.save(output / "raw", steps, final=True)
         run.ema.store(run.params)
