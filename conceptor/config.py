@@ -160,6 +160,8 @@ class TrainConfig:
                                        "facebook/dino-vits16", metavar="M", group=MEASURE_GROUP)
     eval_images: int = opt(8, "images per prompt for --eval-every scores (default 8)", metavar="N",
                            group=MEASURE_GROUP)
+    log_with: str | None = opt(None, "also log scalars, validation grids and the config to tensorboard "
+                                     "(OUTPUT/logs) or wandb", choices=("tensorboard", "wandb"), group=MEASURE_GROUP)
     metadata_paths: bool = opt(False, "keep this machine's paths in the files' metadata (default: names only)",
                                group=MEASURE_GROUP)
 

@@ -79,6 +79,9 @@ def test_every_train_flag_reaches_the_saved_config(method, action):
             if other in argv:
                 i = argv.index(other)
                 del argv[i:i + 2]
+    if flag == "--keep-best":  # needs scores to compare
+        argv += ["--eval-every", "5"]
+        base = _config(base_argv + ["--eval-every", "5"])
     if flag == "--class-images":  # needs prior preservation on to be valid
         argv += ["--class-prompt", "a photo of a toy"]
         base = _config(base_argv + ["--class-prompt", "a photo of a toy"])

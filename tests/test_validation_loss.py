@@ -92,3 +92,33 @@ def test_keep_best_needs_eval_every(cli, tiny_sd1, concept_images, tmp_path):
     code, _, err = cli("train", "textual-inversion", "--model", tiny_sd1, "--images", concept_images,
                        "--token", "<t>", "--init-token", "toy", "--keep-best", "fidelity", "--output", tmp_path / "o")
     assert code == 2 and "--eval-every" in err and not (tmp_path / "o").exists()
+
+
+def test_tensorboard_gets_the_scalars_the_grid_and_the_config(tiny_sd1, concept_images, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg("textual-inversion", tiny_sd1, concept_images, tmp_path / "run", TI, validation_every=2,
+               log_with="tensorboard", validation_prompts=["a photo of a <t>"], validation_images=1,
+               validation_sampling_steps=2)
+    result = api.train(cfg)
+    events = list((result.output / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("validation/loss")] == [0, 2, 4]
+    assert {e.step for e in acc.Images("validation")} == {0, 2, 4}
+    rows = [json.loads(x) for x in (result.output / "metrics.jsonl").read_text().splitlines()]
+    assert acc.Scalars("train/loss")[-1].value == pytest.approx([r["loss"] for r in rows if "loss" in r][-1])
+    hparams = [p for p in (result.output / "logs").rglob("*") if p.is_file()]
+    assert len(hparams) >= 1 and "scalars" in tags
+
+
+def test_a_missing_tracker_package_is_one_line(cli, tiny_sd1, concept_images, tmp_path):
+    code, _, err = cli("train", "textual-inversion", "--model", tiny_sd1, "--images", concept_images,
+                       "--token", "<t>", "--init-token", "toy", "--log-with", "wandb", "--output", tmp_path / "o")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        assert code == 2 and "pip install wandb" in err and not (tmp_path / "o").exists()

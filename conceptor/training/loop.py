@@ -29,7 +29,7 @@ from ..models.quantize import quantize_base
 from ..sampling.grid import make_grid
 from ..sampling.pipeline import sample
 from . import checkpoint as ckpt
-from . import optim
+from . import optim, trackers
 from .lock import run_lock
 from .manifest import Manifest
 from .method import Method, Shard
@@ -78,7 +78,7 @@ class _Run:
             self.manifest.add(*paths)
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, log_with: str | None = None, project_dir: Path | None = None):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -87,7 +87,8 @@ def make_accelerator(mixed_precision: str):
     AcceleratorState._reset_state(reset_partial_state=False)
     # torchrun on a machine without GPUs: accelerate only picks the gloo CPU backend when told "cpu".
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with,
+                       project_dir=str(project_dir) if project_dir is not None else None)
 
 
 def validate_images(components: Components, cfg: RunConfig, output: Path, step: int) -> Path | None:
@@ -130,6 +131,7 @@ def train(method: Method, components: Components, cfg: RunConfig, scorer=None) -
 def _train(method: Method, components: Components, cfg: RunConfig, scorer=None) -> TrainResult:
     run = _set_up(method, components, cfg)
     run.scorer = scorer
+    trackers.start(run.accelerator, cfg)
     t = cfg.train
     start = _resume(run)
     if run.main:
@@ -137,7 +139,7 @@ def _train(method: Method, components: Components, cfg: RunConfig, scorer=None) 
         write_text(run.output / "config.yaml", cfg.to_yaml())
         run.record(run.output / "config.yaml", run.output / "metrics.jsonl")
         if start == 0:
-            run.record(validate_images(components, cfg, run.output, 0))
+            _grid(run, 0)
             _validation_loss(run, 0)
     bar = tqdm(total=t.steps, initial=start, desc=method.name, unit="step", dynamic_ncols=True,
                disable=not run.accelerator.is_local_main_process)
@@ -153,13 +155,14 @@ def _train(method: Method, components: Components, cfg: RunConfig, scorer=None) 
         if run.main and ((t.checkpoint_every and step % t.checkpoint_every == 0) or is_last):
             _checkpoint(run, step)
         if run.main and t.validation_every and step % t.validation_every == 0 and not is_last:
-            run.record(validate_images(components, cfg, run.output, step))
+            _grid(run, step)
             _validation_loss(run, step)
         if run.main and t.eval_every and step % t.eval_every == 0 and not is_last:
             _evaluate(run, step)
     bar.close()
     files = _finish(run) if run.main else []
     run.accelerator.wait_for_everyone()
+    trackers.end(run.accelerator, cfg)
     return TrainResult(output=run.output, step=t.steps, last_loss=run.last_loss, files=files)
 
 
@@ -168,7 +171,8 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
     t = cfg.train
     check_family_options(components, cfg)  # before the folder is touched: nothing written on a refused option
     action = check_output(cfg)  # again, now under the lock: the folder may have changed since the api's check
-    accelerator = make_accelerator(t.mixed_precision)
+    trackers.check(t.log_with)  # a missing package costs nothing: before any model work
+    accelerator = make_accelerator(t.mixed_precision, t.log_with, Path(t.output) / "logs" if t.log_with else None)
     device = accelerator.device
     if device.type == "cpu" and t.mixed_precision == "fp16":
         # accelerate has no fp16 autocast on the CPU, so half weights would meet fp32 activations.
@@ -294,7 +298,19 @@ def _log(run: _Run, step: int, bar) -> None:
     if run.main:
         with open(run.output / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        trackers.log(run.accelerator, run.cfg, {"train/loss": row["loss"], "train/lr": row["lr"]}, step)
     bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{row['lr']:.2e}")
+
+
+def _grid(run: _Run, step: int) -> None:
+    """The validation grid of this step (validate_images), recorded in the manifest and sent to the tracker."""
+    path = validate_images(run.components, run.cfg, run.output, step)
+    if path is not None:
+        run.record(path)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            trackers.log_grid(run.accelerator, run.cfg, im.convert("RGB"), step)
 
 
 def _validation_loss(run: _Run, step: int) -> float | None:
@@ -307,6 +323,7 @@ def _validation_loss(run: _Run, step: int) -> float | None:
     with open(run.output / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "val_loss": value}) + "\n")
     log.info("step %d: validation loss %.5f", step, value)
+    trackers.log(run.accelerator, run.cfg, {"validation/loss": value}, step)
     return value
 
 
@@ -324,6 +341,7 @@ def _evaluate(run: _Run, step: int) -> dict:
     with open(run.output / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "eval": scores}) + "\n")
     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    trackers.log(run.accelerator, run.cfg, {f"eval/{k}": v for k, v in scores.items()}, step)
     metric = t.keep_best
     if metric is None:
         return scores
@@ -398,7 +416,10 @@ def _finish(run: _Run) -> list[Path]:
         files += method.save(output, steps, final=True)
     else:
         files = method.save(output, steps, final=True)
-    run.record(*files, validate_images(run.components, run.cfg, output, steps))
+    run.record(*files)
+    _grid(run, steps)
+    if run.cfg.train.log_with == "tensorboard":
+        run.record(output / "logs")  # the event files: this run's, removed with it by --overwrite
     _validation_loss(run, steps)
     plot_loss(read_metrics(output / "metrics.jsonl"), output / "loss.png")
     run.record(output / "loss.png")
