@@ -143,13 +143,22 @@ def form_config(form: TrainForm, folders: Folders, images: Path | None) -> dict:
                                 "class_prompt": form.class_prompt.strip() or None}
         data["images"] = str(source)
         validation = validation or form.instance_prompt.strip()
+    elif form.method == "pivotal":  # the token fields and the DreamBooth prompts together
+        config["pivotal"] = {"token": form.token.strip(), "init_token": form.init_word.strip(),
+                             "vectors": int(form.vectors),
+                             "instance_prompt": form.instance_prompt.strip() or None,
+                             "class_prompt": form.class_prompt.strip() or None}
+        data["images"] = str(source)
+        validation = validation or f"a photo of {form.token.strip()}"
     elif form.method == "finetune":
         config["finetune"] = {"dataset": str(source)}
     else:
         config[form.method.replace("-", "_")] = {}
         data["images"] = str(source)
-    if form.method != "textual-inversion":
+    if form.method in ("dreambooth", "finetune"):
         config["lora"] = {"enabled": bool(form.lora), "rank": int(form.rank)}
+    elif form.method == "pivotal":  # always a LoRA
+        config["lora"] = {"rank": int(form.rank)}
     if validation:
         train["validation_prompts"] = [validation]
     return config
