@@ -78,6 +78,9 @@ class DataConfig:
     buckets: bool = opt(False, "aspect-ratio buckets instead of square images")
     min_res: int | None = opt(None, "smallest bucket side (default resolution/2)", metavar="N")
     max_res: int | None = opt(None, "largest bucket side (default resolution*2)", metavar="N")
+    validation_split: float | None = opt(None, "hold this share of the images out of training for the validation "
+                                               "loss, e.g. 0.1 (default: none; it is measured on the training "
+                                               "images; a dataset config sets validation_split)", metavar="F")
     masks: bool = opt(False, "masked loss: NAME_mask.png beside each image (white = the concept, black = the rest)")
     mask_weight: float = opt(0.0, "loss weight outside the masks (default 0: the rest is not learned)", metavar="F")
 
@@ -315,7 +318,8 @@ def build_config(method: str | MethodSpec, file_values: dict[str, Any] | None,
         given = [flag for flag, v in (("--images", d.images), ("--flip-p", d.flip_p), ("--repeats", d.repeats),
                                       ("--buckets", d.buckets), ("--min-res", d.min_res), ("--max-res", d.max_res),
                                       ("--center-crop", d.center_crop), ("--masks", d.masks),
-                                      ("--image-column", d.image_column), ("--caption-column", d.caption_column))
+                                      ("--image-column", d.image_column), ("--caption-column", d.caption_column),
+                                      ("--validation-split", d.validation_split))
                  if v not in (None, False)]
         if given:
             raise ConceptorError(f"{given[0]} and --dataset {d.dataset} both describe the data; set it in the dataset "
@@ -382,6 +386,7 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
         (not (d.images and d.dataset), "give --images (a folder) or --dataset (a dataset config or source), not both"),
         (d.min_res is None or d.max_res is None or d.min_res <= d.max_res, "--min-res must be <= --max-res"),
         (d.min_res is None or d.min_res > 0, "--min-res must be positive"),
+        (d.validation_split is None or 0 <= d.validation_split < 1, "--validation-split must be in [0, 1), e.g. 0.1"),
         (d.mask_weight >= 0, "--mask-weight must be >= 0 (0: outside the mask is not learned, 1: no mask)"),
         (t.epochs is None or t.epochs >= 1, "--epochs must be at least 1"),
     ]

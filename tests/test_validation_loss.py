@@ -122,3 +122,15 @@ def test_a_missing_tracker_package_is_one_line(cli, tiny_sd1, concept_images, tm
 
     if importlib.util.find_spec("wandb") is None:
         assert code == 2 and "pip install wandb" in err and not (tmp_path / "o").exists()
+
+
+def test_held_out_images_never_train_and_are_what_is_measured(tiny_sd1, concept_images, tmp_path):
+    cfg = _cfg("textual-inversion", tiny_sd1, concept_images, tmp_path / "run", TI, steps=8)
+    cfg.data.validation_split = 0.5
+    method = get_method("textual-inversion")
+    method.setup(load_components(str(tiny_sd1)), cfg, torch.device("cpu"), Shard())
+    held = method.data.held_out
+    assert len(held) == 2 and method.data.validation_items() == sorted(held)
+    drawn = {i for m in range(40) for i in method.order(m)}
+    assert drawn == set(range(4)) - held  # every other image trains, the held-out ones never
+    assert method.validation_loss() == method.validation_loss()

@@ -50,6 +50,7 @@ class TrainingSet:
     center_crop: bool = False  # with squash: crop the centre square first (--center-crop)
     source: str = ""  # what messages name: the TOML file, or the shorthand's flag
     resolutions: dict[int, tuple[int, int]] = field(default_factory=dict)  # dataset -> its training size
+    held_out: set[int] = field(default_factory=set)  # items kept out of training for the validation loss
 
     def subset_of(self, i: int) -> Subset:
         return self.subsets[self.items[i].subset]
@@ -57,13 +58,29 @@ class TrainingSet:
     def indices(self, reg: bool) -> list[int]:
         return [i for i, it in enumerate(self.items) if self.subsets[it.subset].is_reg == reg]
 
+    def hold_out(self, split: float | None, seed: int) -> None:
+        """Keep ``split`` (or each dataset's validation_split) of every concept subset's images out of training,
+        chosen by ``seed``; at least one stays in training. The validation loss is measured on them."""
+        rng = random.Random(seed)
+        for k, sub in enumerate(self.subsets):
+            share = split if split is not None else self.datasets[self.dataset_of[k]].validation_split
+            members = [i for i, it in enumerate(self.items) if it.subset == k]
+            if sub.is_reg or not share or len(members) < 2:
+                continue
+            n = min(len(members) - 1, max(1, round(share * len(members))))
+            self.held_out.update(rng.sample(members, n))
+
+    def validation_items(self) -> list[int]:
+        """What the validation loss measures: the held-out images, else the concept images themselves."""
+        return sorted(self.held_out) or self.indices(False)
+
     def entries(self, reg: bool = False) -> list[int]:
         """One epoch's item indices: each item ``num_repeats`` times (kohya's repeats), repeat by repeat, so one
         subset with r repeats lists items 0..n-1 r times as data/order.batch_indices counts them."""
         out = []
         top = max((s.num_repeats for s in self.subsets), default=1)
         for r in range(top):
-            out += [i for i in self.indices(reg) if self.subset_of(i).num_repeats > r]
+            out += [i for i in self.indices(reg) if self.subset_of(i).num_repeats > r and i not in self.held_out]
         return out
 
     @property

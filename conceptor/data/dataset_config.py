@@ -37,6 +37,7 @@ SUBSET_OPTIONS: dict[str, tuple[Any, type | tuple]] = {
 }
 # Dataset options (they apply to every subset of the dataset).
 DATASET_OPTIONS: dict[str, tuple[Any, type | tuple]] = {
+    "validation_split": (0.0, (int, float)),  # kohya's: the share of images held out for the validation loss
     "resolution": (None, (int, list)), "batch_size": (1, int), "enable_bucket": (False, bool),
     "min_bucket_reso": (256, int), "max_bucket_reso": (1024, int), "bucket_reso_steps": (64, int),
 }
@@ -45,7 +46,7 @@ KOHYA_UNSUPPORTED = frozenset({
     "color_aug", "face_crop_aug_range", "random_crop", "sample_ratio", "keep_tokens_separator",
     "secondary_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step", "custom_attributes",
     "resize_interpolation", "caption_dropout_every_n_epochs", "cache_info", "conditioning_data_dir",
-    "bucket_no_upscale", "network_multiplier", "validation_seed", "validation_split", "repeat_by_folder_name",
+    "bucket_no_upscale", "network_multiplier", "validation_seed", "repeat_by_folder_name",
     "path_pattern", "prior_loss_weight", "debug_dataset",
 })
 
@@ -93,6 +94,7 @@ class Dataset:
     max_bucket_reso: int
     bucket_reso_steps: int
     subsets: list[Subset] = field(default_factory=list)
+    validation_split: float = 0.0  # share of each concept subset's images held out for the validation loss
     config_given: bool = True  # False: the one dataset the flags describe (bucket sizes follow --resolution)
     batch_size_given: bool = False  # the file sets batch_size (it then sets the run's --batch-size)
 
@@ -162,6 +164,9 @@ def read_dataset_config(path: str | Path) -> list[Dataset]:
             raise ConceptorError(f"{file}: {where}: resolution {res!r} must be positive")
         settings = {k: _value(k, [ds, general], DATASET_OPTIONS, file, where) for k in DATASET_OPTIONS
                     if k != "resolution"}
+        if not 0 <= settings["validation_split"] < 1:
+            raise ConceptorError(f"{file}: {where}: validation_split is {settings['validation_split']}; it must be "
+                                 "in [0, 1), e.g. 0.1")
         if settings["batch_size"] < 1:
             raise ConceptorError(f"{file}: {where}: batch_size must be at least 1")
         subsets = []

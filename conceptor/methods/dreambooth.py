@@ -265,7 +265,7 @@ class DreamBooth:
     def validation_loss(self) -> float:
         """Fixed-noise loss on the instance images with their captions (methods/denoise.py); the caption options'
         randomness comes from a step of its own (-1), so it is the same every time."""
-        idx = self.data.indices(False)
+        idx = self.data.validation_items()
         return validation_loss(self.c, self.instance, idx, self._captions(idx, -1), self.cfg.train,
                                lambda i: self.data.items[i].size)
 

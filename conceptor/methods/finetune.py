@@ -242,7 +242,7 @@ class Finetune:
         c, total, count = self.c, 0.0, 0
         device = next(c.denoiser.parameters()).device
         with eval_mode(c.denoiser), torch.no_grad():
-            for i in range(min(len(self.examples), VAL_MAX_IMAGES)):
+            for i in self.data.validation_items()[:VAL_MAX_IMAGES]:
                 x = scale_latents(c.vae, self.latents[i][0][:1]).to(device)
                 text = self.hidden[i]
                 added = None

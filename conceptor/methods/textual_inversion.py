@@ -264,7 +264,7 @@ class TextualInversion(TokenVectors):
     # -- state and files -------------------------------------------------------------------------
     def validation_loss(self) -> float:
         """Fixed-noise loss on the training images, each with its first caption (methods/denoise.py)."""
-        idx = list(range(len(self.data.items)))
+        idx = self.data.validation_items()
         captions = [self.prompt(self.concept_caption(i, 0)) for i in idx]
         return validation_loss(self.c, self.latents, idx, captions, self.cfg.train, lambda i: self.data.items[i].size)
 

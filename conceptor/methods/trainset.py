@@ -49,6 +49,9 @@ def training_set(cfg: RunConfig, components: Components, datasets, source: str) 
     # the smallest side step: one latent cell on SD 1/2/XL (8 px); two on SD3 (2x2 patches) and Flux (2x2 packing)
     step = components.vae_scale_factor * (2 if components.flow is not None else 1)
     ts.assign_sizes(d.resolution or components.default_resolution, step, d.buckets, d.min_res, d.max_res)
+    ts.hold_out(d.validation_split, cfg.train.seed)
+    if ts.held_out:
+        log.info("data: %d image(s) held out of training for the validation loss", len(ts.held_out))
     token = getattr(cfg.options, "token", None) or None
     bad = problems(ts, required_tokens(ts, token))
     if bad:
