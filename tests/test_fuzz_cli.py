@@ -120,10 +120,10 @@ def _check(root, argv, output, generated=()):
     allowed_before = _owned(root, output)
 
     def timeout(*_):
-        raise TimeoutError(f"conceptor {' '.join(argv)} ran over 60 s")
+        raise TimeoutError(f"conceptor {' '.join(argv)} ran over 120 s")
 
     old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(60)
+    signal.alarm(120)  # a hang guard, not a speed test: a loaded machine must not trip it
     try:
         code = main(argv)
     finally:

@@ -262,7 +262,7 @@ class DreamBooth:
             loss = loss + self.db.prior_loss_weight * shard.mean(per_sample[b:], n)
         return loss
 
-    def validation_loss(self) -> float:
+    def validation_loss(self) -> float | None:
         """Fixed-noise loss on the instance images with their captions (methods/denoise.py); the caption options'
         randomness comes from a step of its own (-1), so it is the same every time."""
         idx = self.data.validation_items()

@@ -237,7 +237,7 @@ class Finetune:
     def validation_loss(self) -> float | None:
         """Fixed-noise loss on the first VAL_MAX_IMAGES examples with their cached captions (None with
         --random-crop: its latents are not cached)."""
-        if self.latents is None:
+        if self.latents is None or self.cfg.train.quantize:
             return None
         c, total, count = self.c, 0.0, 0
         device = next(c.denoiser.parameters()).device

@@ -262,7 +262,7 @@ class TextualInversion(TokenVectors):
         return shard.mean(per_sample, n)
 
     # -- state and files -------------------------------------------------------------------------
-    def validation_loss(self) -> float:
+    def validation_loss(self) -> float | None:
         """Fixed-noise loss on the training images, each with its first caption (methods/denoise.py)."""
         idx = self.data.validation_items()
         captions = [self.prompt(self.concept_caption(i, 0)) for i in idx]

@@ -421,7 +421,7 @@ def _finish(run: _Run) -> list[Path]:
     if run.cfg.train.log_with == "tensorboard":
         run.record(output / "logs")  # the event files: this run's, removed with it by --overwrite
     _validation_loss(run, steps)
-    plot_loss(read_metrics(output / "metrics.jsonl"), output / "loss.png")
+    plot_loss(read_metrics(output / "metrics.jsonl", every_row=True), output / "loss.png")
     run.record(output / "loss.png")
     return files
 

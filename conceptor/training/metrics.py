@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 from ..fileio import atomic_path, write_text
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, every_row: bool = False) -> list[dict]:
+    """The training-loss rows of metrics.jsonl (``every_row``: the validation-loss and score rows too)."""
     if not path.is_file():
         return []
     rows = []
@@ -19,7 +20,7 @@ def read_metrics(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a crash, or damage: the other rows are still good
             continue
-        if _good_row(row):  # an edited or damaged row is dropped, not trusted
+        if _good_row(row) and (every_row or "loss" in row):  # an edited or damaged row is dropped, not trusted
             rows.append(row)
     return rows
 
@@ -34,7 +35,7 @@ def _good_row(row) -> bool:
 
 def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume, drop rows past the checkpoint so the log never shows a step twice."""
-    rows = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
+    rows = [r for r in read_metrics(path, every_row=True) if r.get("step", 0) <= after_step]
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
