@@ -142,18 +142,19 @@ class TrainingSet:
         it = self.items[i]
         return pil_to_tensor(self._shape(it.example.image(), it.size, Image.BICUBIC))
 
+    def raw_mask(self, i: int) -> Image.Image | None:
+        """Item ``i``'s mask as drawn (its NAME_mask.png, or its alpha channel), 8-bit, or None."""
+        it = self.items[i]
+        if it.mask is not None:
+            return read_mask(it.mask, it.example.size, it.example.where)
+        return read_alpha(it.example) if self.subset_of(i).alpha_mask else None
+
     def mask(self, i: int) -> torch.Tensor | None:
         """Item ``i``'s mask at its training size, [1, h, w] in [0, 1] (1 = the concept), or None."""
-        it, sub = self.items[i], self.subset_of(i)
-        if it.mask is not None:
-            m = read_mask(it.mask, it.example.size, it.example.where)
-        elif sub.alpha_mask:
-            m = read_alpha(it.example)
-            if m is None:
-                return None
-        else:
+        m = self.raw_mask(i)
+        if m is None:
             return None
-        m = self._shape(m, it.size, Image.BILINEAR)
+        m = self._shape(m, self.items[i].size, Image.BILINEAR)
         return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None]
 
 

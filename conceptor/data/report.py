@@ -14,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-from .dataset import TrainingSet, read_alpha, read_mask, tags
+from .dataset import TrainingSet, read_alpha, tags
 from .dataset_config import Subset
 
 
@@ -147,13 +147,8 @@ def _mask_fraction(ts: TrainingSet, i: int) -> float | None:
     if it.size is not None:
         m = ts.mask(i)
         return None if m is None else float(m.mean())
-    if it.mask is not None:
-        m = read_mask(it.mask, it.example.size, it.example.where)
-    elif sub.alpha_mask:
-        m = read_alpha(it.example)
-        if m is None:
-            return None
-    else:
+    m = ts.raw_mask(i)
+    if m is None:
         return None
     return float(np.asarray(m, dtype=np.float32).mean() / 255.0)
 
