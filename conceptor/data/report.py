@@ -143,7 +143,7 @@ def _length_lines(texts: list[str], count_tokens, max_tokens: int | None) -> lis
 
 def _mask_fraction(ts: TrainingSet, i: int) -> float | None:
     """Mean whiteness of item ``i``'s mask, at its training size when it has one, else as the file is."""
-    it, sub = ts.items[i], ts.subset_of(i)
+    it = ts.items[i]
     if it.size is not None:
         m = ts.mask(i)
         return None if m is None else float(m.mean())
