@@ -18,6 +18,7 @@ from .config_checks import check_finite, check_types
 from .errors import ConceptorError
 
 LORA_TARGET_SETS = ("attn", "attn-ff")  # the UNet layer sets of models/adapters.py: UNET_LORA_TARGETS
+ADAPTER_KINDS = ("lora", "dora", "loha", "lokr")  # formats/lycoris.py KINDS
 # data/order.py seeds torch generators with seed * 1_000_003 + epoch, and torch takes at most 2**64 - 1:
 # seeds above 18446688733643 overflow at once (measured). 2**44 - 1 leaves room for 8e17 epochs, and for
 # the seed + 1, seed + k streams of class images and LoRA initialisation.
@@ -183,6 +184,13 @@ class LoraConfig:
                              only=("dreambooth", "pivotal"))
     init_from: str | None = opt(None, "continue training this LoRA file (diffusers, PEFT or kohya layout; same rank "
                                       "and layers)", flag="--init-lora", metavar="FILE", input=True)
+    adapter: str = opt("lora", "adapter kind: lora; dora (LoRA plus a learned norm per output, Liu et al. 2024); "
+                               "loha (Hadamard product of two low-rank pairs); lokr (Kronecker product). Any but "
+                               "lora implies --lora", choices=ADAPTER_KINDS)
+    lokr_factor: int = opt(-1, "LoKr: size of the Kronecker product's small half; must divide every targeted "
+                               "layer's sizes (-1: as square as possible)", metavar="F")
+    lokr_decompose_both: bool = opt(False, "LoKr: factor the small half into rank-R matrices too (default: only "
+                                           "the large half, when R is small enough)")
 
 
 SHARED_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
@@ -325,8 +333,8 @@ def build_config(method: str | MethodSpec, file_values: dict[str, Any] | None,
             raise ConceptorError(f"{given[0]} and --dataset {d.dataset} both describe the data; set it in the dataset "
                                  "config (flip_aug, num_repeats, enable_bucket, min/max_bucket_reso, masks, "
                                  "image_column ... per dataset or subset) or leave --dataset out")
-    if spec.lora_always:
-        cfg.lora.enabled = True
+    if spec.lora_always or (cfg.lora is not None and cfg.lora.adapter != "lora"):
+        cfg.lora.enabled = True  # --adapter loha etc. says adapters as clearly as --lora does
     if cfg.data.flip_p is None:
         cfg.data.flip_p = spec.flip_p
     if cfg.data.repeats is None and not d.dataset_file():
@@ -401,6 +409,11 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
             (lo.targets in LORA_TARGET_SETS, f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}"),
             (not lo.text_encoder or lo.enabled, "--lora-text-encoder needs --lora"),
             (not lo.init_from or lo.enabled, "--init-lora needs --lora"),
+            (lo.adapter in ADAPTER_KINDS, f"--adapter must be one of {', '.join(ADAPTER_KINDS)}"),
+            (lo.lokr_factor == -1 or lo.lokr_factor >= 1, "--lokr-factor must be -1 (as square as possible) or a "
+                                                          "positive divisor of the layers' sizes"),
+            (lo.adapter == "lokr" or (lo.lokr_factor == -1 and not lo.lokr_decompose_both),
+             "--lokr-factor and --lokr-decompose-both shape a LoKr: add --adapter lokr"),
         ]
     for ok, message in checks + list(spec.checks(cfg)):
         if not ok:

@@ -3,7 +3,8 @@
 In memory a LoRA is ``{"<prefix>.<module>": (down [r, in], up [out, r])}``, prefix ``unet`` (SD 1/2/XL),
 ``transformer`` (SD3/SD3.5, Flux.1; diffusers module paths), ``text_encoder`` or ``text_encoder_2``, with the
 scale alpha/r already folded into ``up``: the update of a Linear weight is then exactly ``up @ down``,
-every file we write means the same thing in every loader, and no alpha metadata can get lost.
+every file we write means the same thing in every loader, and no alpha metadata can get lost. DoRA, LoHa and
+LoKr layers (lycoris.py) sit in the same mapping as records of their own kind, scale folded the same way.
 
     diffusers: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight / lora_B.weight
     kohya:     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
@@ -21,12 +22,12 @@ from safetensors.torch import save_file
 
 from ..errors import ConceptorError
 from ..fileio import atomic_path
-from . import lora_flux
+from . import lora_flux, lycoris
 from .embeddings import is_bundle_key
 from .metadata import merge_metadata
 from .safe_load import load_tensors, refuse_same_file
 
-LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
+LoraWeights = dict[str, lycoris.Layer]  # (down, up) for a plain LoRA layer
 FORMATS = ("diffusers", "kohya")
 PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2")
 FAMILIES = {"flux": "Flux.1", "sd3": "SD3/SD3.5", "unet": "a UNet model (SD 1.x/2.x/XL)"}
@@ -103,18 +104,43 @@ def _from_kohya(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
         if flux and base.startswith("lora_unet_"):
             flux_pairs[base] = _fold(tensors, path, key, base + ".lora_up.weight", base + ".alpha")
             continue
-        if base.startswith("lora_unet_"):
-            name = "unet." + _kohya_to_dotted(base[len("lora_unet_"):])
-        elif base.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
-            prefix = "text_encoder_2." if base.startswith("lora_te2_") else "text_encoder."
-            name = prefix + _module_of(_kohya_to_dotted(base.split("_", 2)[2]))
-        else:
+        name = _kohya_name(base)
+        if name is None:
             continue
-        out[name] = _fold(tensors, path, key, base + ".lora_up.weight", base + ".alpha")
+        out[name] = _with_dora(tensors, path, base, "dora_scale",
+                               _fold(tensors, path, key, base + ".lora_up.weight", base + ".alpha"))
+    if flux_pairs and any(k.endswith(".dora_scale") for k in tensors):
+        raise ConceptorError(f"{path}: a DoRA in kohya's Flux layout (fused layers) is not supported; convert it "
+                             "to the diffusers layout where it was made")
     out.update(lora_flux.from_kohya_flux(flux_pairs, path))
+    for base, kind in lycoris.lycoris_bases(tensors).items():
+        name = _kohya_name(base)
+        if name is None or flux:
+            raise ConceptorError(f"{path}: {base} is a {kind} layer of a model other than SD 1/2/XL; LoHa and LoKr "
+                                 "are read for SD 1/2/XL UNets and CLIP text encoders")
+        out[name] = lycoris.read_layer(tensors, base, kind, path, lambda t, k: _matrix(t, path, k))
     if not out:
-        raise ConceptorError(f"{path} has kohya-style keys but no lora_down/lora_up pairs")
+        raise ConceptorError(f"{path} has kohya-style keys but no lora_down/lora_up, LoHa or LoKr layers")
     return out
+
+
+def _kohya_name(base: str) -> str | None:
+    """``unet.<module>`` / ``text_encoder[_2].<module>`` of a kohya SD 1/2/XL layer name (None: another family)."""
+    if base.startswith("lora_unet_"):
+        return "unet." + _kohya_to_dotted(base[len("lora_unet_"):])
+    if base.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
+        prefix = "text_encoder_2." if base.startswith("lora_te2_") else "text_encoder."
+        return prefix + _module_of(_kohya_to_dotted(base.split("_", 2)[2]))
+    return None
+
+
+def _with_dora(tensors: dict, where: str, base: str, key: str, pair) -> lycoris.Layer:
+    """The LoRA pair, or a DoRA layer when ``base.key`` carries its magnitude."""
+    magnitude = tensors.get(f"{base}.{key}")
+    if magnitude is None:
+        return pair
+    m = lycoris.dora_magnitude(_matrix(magnitude, where, f"{base}.{key}"), pair[1].shape[0], where, f"{base}.{key}")
+    return lycoris.Dora(pair[0], pair[1], m)
 
 
 _DIFFUSERS_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
@@ -136,7 +162,11 @@ def _from_diffusers(tensors: dict[str, torch.Tensor], path) -> LoraWeights:
                     prefix, module = ("transformer" if bare_transformer else "unet"), base
                 if prefix in _TEXT:
                     module = _module_of(module)
-                out[f"{prefix}.{module}"] = _fold(tensors, path, key, base + up_suffix, base + ".alpha")
+                out[f"{prefix}.{module}"] = _with_dora(tensors, path, base, "lora_magnitude_vector",
+                                                       _fold(tensors, path, key, base + up_suffix, base + ".alpha"))
+    if lycoris.lycoris_bases(tensors):
+        raise ConceptorError(f"{path} holds LoHa/LoKr layers under diffusers names, a layout no loader reads; write "
+                             "them in the kohya/LyCORIS layout (lora_unet_...)")
     if not out:
         raise ConceptorError(f"{path} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys); "
                              "is it a full checkpoint or an embedding?")
@@ -213,7 +243,11 @@ def lora_tensors(lora: LoraWeights, to: str, where: str) -> dict[str, torch.Tens
     """The tensors ``write_lora`` writes in ``to`` layout (contiguous), ``where`` naming the file in messages;
     bundle.py adds its embeddings to the kohya ones."""
     family = lora_family(lora)
+    kinds = {lycoris.kind_of(layer) for layer in lora.values()}
     pairs = dict(lora)
+    if to == "diffusers" and not kinds <= set(lycoris.DIFFUSERS_KINDS):
+        raise ConceptorError(f"{where}: diffusers loads no {'/'.join(sorted(kinds - {'lora', 'dora'})).upper()} "
+                             "file; write it with --to kohya (the LyCORIS layout A1111, Forge and ComfyUI load)")
     if to == "kohya" and family == "sd3":
         raise ConceptorError(f"{where}: kohya has no SD3 LoRA layout that diffusers reads; write it with "
                              "--to diffusers (the layout SD3 loaders read)")
@@ -221,13 +255,16 @@ def lora_tensors(lora: LoraWeights, to: str, where: str) -> dict[str, torch.Tens
         if any(n.startswith("text_encoder_2.") for n in lora):
             raise ConceptorError(f"{where}: this Flux LoRA trains T5 (text_encoder_2), which kohya's Flux layout "
                                  "does not carry for diffusers; write it with --to diffusers")
+        if kinds != {"lora"}:
+            raise ConceptorError(f"{where}: kohya's Flux layout fuses layers, which only a plain LoRA survives; "
+                                 "write this DoRA with --to diffusers")
         transformer = {n: p for n, p in lora.items() if n.startswith("transformer.")}
         pairs = {n: p for n, p in lora.items() if n not in transformer} | lora_flux.to_kohya_flux(transformer)
     tensors: dict[str, torch.Tensor] = {}
     numbered = family == "flux" or any(n.startswith("text_encoder_2.") for n in lora)
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if numbered else "lora_te_",
                     "text_encoder_2": "lora_te2_"}  # kohya numbers SDXL's two encoders, and Flux's CLIP-L te1
-    for name, (down, up) in pairs.items():
+    for name, layer in pairs.items():
         if name.startswith("lora_unet_"):  # already a kohya Flux layer
             prefix, module = "", name
         else:
@@ -236,15 +273,24 @@ def lora_tensors(lora: LoraWeights, to: str, where: str) -> dict[str, torch.Tens
             # Text-encoder paths with CLIP's "text_model." level: what kohya/A1111 use, what older
             # transformers have, and what diffusers strips again for models that lack it.
             module = "text_model." + module
-        if to == "diffusers":
-            tensors[f"{prefix}.{module}.lora_A.weight"] = down
-            tensors[f"{prefix}.{module}.lora_B.weight"] = up
+        base = f"{prefix}.{module}" if to == "diffusers" else (kohya_prefix[prefix] + module.replace(".", "_")
+                                                               if prefix else module)
+        if lycoris.kind_of(layer) != "lora":
+            tensors.update({f"{base}.{k}": v for k, v in lycoris.layer_keys(layer, to).items()})
+        elif to == "diffusers":
+            tensors[f"{base}.lora_A.weight"], tensors[f"{base}.lora_B.weight"] = layer
         else:
-            base = kohya_prefix[prefix] + module.replace(".", "_") if prefix else module
+            down, up = layer
             tensors[f"{base}.lora_down.weight"] = down
             tensors[f"{base}.lora_up.weight"] = up
             tensors[f"{base}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale already folded
     return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def default_layout(lora: LoraWeights) -> str:
+    """Where a file of these layers is read most widely: diffusers for LoRA/DoRA, kohya/LyCORIS for LoHa/LoKr."""
+    kinds = {lycoris.kind_of(layer) for layer in lora.values()}
+    return "diffusers" if kinds <= set(lycoris.DIFFUSERS_KINDS) else "kohya"
 
 
 def convert_lora(src: str | Path, dst: str | Path, to: str) -> Path:
@@ -253,18 +299,20 @@ def convert_lora(src: str | Path, dst: str | Path, to: str) -> Path:
 
 
 def lora_from_peft(module: torch.nn.Module, prefix: str) -> LoraWeights:
-    """The trained LoRA of a PEFT-injected module, scale folded, as fp32 CPU tensors."""
+    """The trained adapter layers of a PEFT-injected module (LoRA, DoRA, LoHa or LoKr), scale folded, as fp32
+    CPU tensors."""
     from peft.utils import get_peft_model_state_dict
 
     sd = get_peft_model_state_dict(module)
     scales = {name: layer.scaling["default"] for name, layer in module.named_modules()
               if hasattr(layer, "scaling") and "default" in getattr(layer, "scaling", {})}
+    firsts = {".lora_A.weight": "lora", ".hada_w1_a": "loha", ".lokr_w1": "lokr", ".lokr_w1_a": "lokr"}
     out: LoraWeights = {}
-    for key, down in sd.items():
-        if key.endswith(".lora_A.weight"):
-            base = key[: -len(".lora_A.weight")]
-            up = sd[base + ".lora_B.weight"].float() * scales.get(base, 1.0)
-            out[f"{prefix}.{_module_of(base)}"] = (down.detach().float().cpu(), up.detach().cpu())
+    for key in sd:
+        for suffix, kind in firsts.items():
+            if key.endswith(suffix):
+                base = key[: -len(suffix)]
+                out[f"{prefix}.{_module_of(base)}"] = lycoris.from_peft(sd, base, scales.get(base, 1.0), kind)
     return out
 
 
@@ -300,7 +348,8 @@ def require_family(lora: LoraWeights, family: str | None) -> None:
 
 @torch.no_grad()
 def apply_lora_to(lora: LoraWeights, modules: dict[str, torch.nn.Module | None], scale: float = 1.0) -> int:
-    """Merge ``scale * up @ down`` into the Linear weights it names; returns how many layers changed.
+    """Merge ``scale`` times each layer's update (``up @ down`` for a LoRA; lycoris.delta for DoRA, LoHa, LoKr)
+    into the Linear weights it names; returns how many layers changed.
 
     ``modules`` maps each prefix ("unet" or "transformer", "text_encoder", "text_encoder_2") to its module.
     Merged weights cost nothing at sampling time, and several LoRAs simply add up. A LoRA of another family,
@@ -310,19 +359,21 @@ def apply_lora_to(lora: LoraWeights, modules: dict[str, torch.nn.Module | None],
     named = {prefix: ({_module_of(n) if prefix in _TEXT else n: m for n, m in module.named_modules()}
                       if module is not None else {}) for prefix, module in modules.items()}
     found, missing = [], []
-    for name, (down, up) in lora.items():
+    for name, adapter in lora.items():
         prefix, _, path = name.partition(".")
         layer = named.get(prefix, {}).get(path)
-        if layer is None or not hasattr(layer, "weight") or layer.weight.shape != (up.shape[0], down.shape[1]):
+        if layer is None or not hasattr(layer, "weight") or tuple(layer.weight.shape) != lycoris.shape_of(adapter):
             missing.append(name)
         else:
-            found.append((layer, down, up))
+            found.append((layer, adapter))
     if missing:
         raise ConceptorError(f"LoRA does not fit this model: {len(missing)} of {len(lora)} layers missing or of "
                              f"another shape (first: {missing[0]}); was it trained for another model family?")
-    for layer, down, up in found:
-        delta = (up.to(layer.weight.device, torch.float32) @ down.to(layer.weight.device, torch.float32)) * scale
-        layer.weight += delta.to(layer.weight.dtype)
+    for layer, adapter in found:
+        adapter = lycoris.to(adapter, device=layer.weight.device, dtype=torch.float32)
+        # DoRA's update depends on the weight it lands on (here: after any LoRA merged before it); the scale
+        # multiplies the whole update, as A1111 and ComfyUI apply a DoRA's strength
+        layer.weight += (lycoris.delta(adapter, layer.weight) * scale).to(layer.weight.dtype)
     return len(lora)
 
 

@@ -1,4 +1,4 @@
-"""Which weights train: whole modules in fp32, or PEFT LoRA adapters on their attention projections.
+"""Which weights train: whole modules in fp32, or PEFT adapters (LoRA, DoRA, LoHa, LoKr) on their projections.
 
 Shared by every method that changes the model itself (DreamBooth, fine-tuning): the one place adapters
 are added (``add_adapters``), checkpointed (``trained_state``) and written (``save_adapters``).
@@ -20,17 +20,32 @@ UNET_LORA_TARGETS = {"attn": _ATTENTION, "attn-ff": _ATTENTION + ["ff.net.0.proj
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def add_lora(module: torch.nn.Module, rank: int, alpha: float | None, targets: list[str],
-             seed: int) -> list[torch.nn.Parameter]:
-    """Inject a LoRA (Gaussian A, zero B: the model starts exactly equal to the base) and return its fp32
-    parameters. The random init comes from ``seed``, so it is part of the run's reproducible state."""
-    from peft import LoraConfig
+def peft_config(kind: str, rank: int, alpha: float | None, targets: list[str], lokr_factor: int = -1,
+                lokr_decompose_both: bool = False):
+    """The peft config of one adapter kind. LoRA and DoRA start from Gaussian A and zero B (diffusers' scripts);
+    LoHa and LoKr from peft's own init, which also leaves the model exactly equal to the base at step 0."""
+    import peft
 
+    alpha = alpha or rank
+    if kind == "loha":
+        return peft.LoHaConfig(r=rank, alpha=alpha, target_modules=targets)
+    if kind == "lokr":
+        return peft.LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=lokr_factor,
+                               decompose_both=lokr_decompose_both)
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets,
+                           use_dora=kind == "dora")
+
+
+def add_lora(module: torch.nn.Module, rank: int, alpha: float | None, targets: list[str],
+             seed: int, kind: str = "lora", lokr_factor: int = -1,
+             lokr_decompose_both: bool = False) -> list[torch.nn.Parameter]:
+    """Inject an adapter of ``kind`` (the model starts exactly equal to the base) and return its fp32
+    parameters. The random init comes from ``seed``, so it is part of the run's reproducible state."""
     check_adapter_stack()  # a peft the libraries refuse fails here in one line, not inside add_adapter
+    config = peft_config(kind, rank, alpha, targets, lokr_factor, lokr_decompose_both)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                      target_modules=targets))
+        module.add_adapter(config)
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:  # adapters inherit the (maybe half) dtype of the frozen base; masters stay fp32
         p.data = p.data.float()
@@ -40,18 +55,27 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: float | None, targets: l
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights(FOLDER) looks for
 
 
+def _targets_of(name: str, lora, flow, module) -> list[str]:
+    if name == "transformer":
+        return flow.targets(module, lora.targets)
+    return UNET_LORA_TARGETS[lora.targets] if name == "unet" else TEXT_LORA_TARGETS
+
+
 def add_adapters(modules: dict[str, torch.nn.Module], lora, text_lr: float | None, seed: int,
                  flow=None) -> list[dict]:
-    """LoRA param groups for ``{"unet"|"transformer": m, "text_encoder": m, ...}`` as the run's ``lora`` section
-    says: the denoiser on its target set (a flow family's own for a transformer), text encoders on their
-    attention projections, each seeded apart (seed, seed+1+k)."""
+    """Adapter param groups for ``{"unet"|"transformer": m, "text_encoder": m, ...}`` as the run's ``lora`` section
+    says (``lora.adapter``: lora, dora, loha or lokr): the denoiser on its target set (a flow family's own for a
+    transformer), text encoders on their attention projections, each seeded apart (seed, seed+1+k)."""
     groups = []
+    kind = getattr(lora, "adapter", "lora")
+    shape = {"kind": kind, "lokr_factor": getattr(lora, "lokr_factor", -1),
+             "lokr_decompose_both": getattr(lora, "lokr_decompose_both", False)}
     for k, (name, module) in enumerate(modules.items()):
+        targets = _targets_of(name, lora, flow, module)
         if name in ("unet", "transformer"):
-            targets = flow.targets(module, lora.targets) if name == "transformer" else UNET_LORA_TARGETS[lora.targets]
-            groups.append({"params": add_lora(module, lora.rank, lora.alpha, targets, seed)})
+            groups.append({"params": add_lora(module, lora.rank, lora.alpha, targets, seed, **shape)})
         else:
-            group = {"params": add_lora(module, lora.rank, lora.alpha, TEXT_LORA_TARGETS, seed + k)}
+            group = {"params": add_lora(module, lora.rank, lora.alpha, targets, seed + k, **shape)}
             groups.append({**group, "lr": text_lr} if text_lr else group)
     if getattr(lora, "init_from", None):  # --init-lora: continue from a file instead of the fresh init
         from .init_from import init_lora_from
@@ -60,16 +84,45 @@ def add_adapters(modules: dict[str, torch.nn.Module], lora, text_lr: float | Non
     return groups
 
 
+def check_adapters(modules: dict[str, torch.nn.Module], lora, flow=None, quantize: str | None = None) -> None:
+    """Refuse, before any folder or weight is touched, an adapter the model's layers cannot take: LoHa/LoKr on
+    SD3/Flux (kohya's fused layout cannot carry them), any kind but LoRA on a quantized base (peft's 4/8-bit
+    layers take LoRA), and a LoKr factor that does not divide a targeted layer's sizes (peft would quietly
+    pick another factor)."""
+    kind = getattr(lora, "adapter", "lora")
+    if kind == "lora":
+        return
+    if kind in ("loha", "lokr") and "transformer" in modules:
+        raise ConceptorError(f"--adapter {kind} trains SD 1/2/XL models; for SD3/Flux use --adapter lora or dora "
+                             "(their kohya layout fuses layers, which a LoHa/LoKr cannot follow)")
+    if quantize:
+        raise ConceptorError(f"--adapter {kind} cannot train on a --quantize {quantize} base: peft's quantized "
+                             "layers take plain LoRA only; use --adapter lora, or leave --quantize out")
+    factor = getattr(lora, "lokr_factor", -1)
+    if kind != "lokr" or factor <= 0:
+        return
+    for name, module in modules.items():
+        targets = _targets_of(name, lora, flow, module)
+        for path, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Linear) and any(path == t or path.endswith("." + t) for t in targets):
+                bad = [n for n in (layer.out_features, layer.in_features) if n % factor]
+                if bad:
+                    raise ConceptorError(f"--lokr-factor {factor} does not divide {name}.{path} "
+                                         f"({layer.out_features} x {layer.in_features}); give a factor that divides "
+                                         "every targeted layer's sizes, or -1 (as square as possible)")
+
+
 def save_adapters(modules: dict[str, torch.nn.Module], folder: Path, step: int, final: bool,
                   metadata: dict | None = None) -> list[Path]:
-    """The trained LoRA of every module in one diffusers-layout file (``-steps-N`` for a snapshot)."""
-    from ..formats.lora import lora_from_peft, write_lora
+    """The trained adapters of every module in one file (``-steps-N`` for a snapshot): diffusers' layout for LoRA
+    and DoRA, the LyCORIS one for LoHa/LoKr (diffusers loads neither; A1111, Forge and ComfyUI load both)."""
+    from ..formats.lora import default_layout, lora_from_peft, write_lora
 
     lora = {}
     for name, m in modules.items():
         lora.update(lora_from_peft(m, name))
     name = LORA_FILE if final else LORA_FILE.replace(".safetensors", f"-steps-{step}.safetensors")
-    return [write_lora(lora, Path(folder) / name, "diffusers", metadata=metadata)]
+    return [write_lora(lora, Path(folder) / name, default_layout(lora), metadata=metadata)]
 
 
 def train_whole(module: torch.nn.Module) -> list[torch.nn.Parameter]:

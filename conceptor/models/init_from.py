@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConceptorError
+from ..formats import lycoris
 from ..formats.embeddings import SDXL_DIFFUSERS_FILES, Embedding, read_embedding
 from ..formats.lora import lora_from_peft, model_family, read_lora, require_family
 
@@ -31,7 +32,7 @@ def _peft_layers(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Mod
     """
     by_name = {}
     for path, layer in module.named_modules():
-        if "default" in getattr(layer, "lora_A", {}):
+        if any("default" in getattr(layer, first, {}) for first in ("lora_A", "hada_w1_a", "lokr_w1", "lokr_w1_a")):
             plain = path[len("text_model."):] if prefix in _TEXT and path.startswith("text_model.") else path
             by_name[f"{prefix}.{plain}"] = layer
     if not by_name:  # no adapter injected: lora_from_peft would fail on the missing peft_config
@@ -42,6 +43,26 @@ def _peft_layers(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Mod
         raise ConceptorError(f"cannot match this run's LoRA layers to file names (first: {odd}); the installed "
                              "peft names layers differently than conceptor expects: report it with `pip list`")
     return by_name
+
+
+def _kind(layer: torch.nn.Module) -> str:
+    if "default" in getattr(layer, "hada_w1_a", {}):
+        return "loha"
+    if any("default" in getattr(layer, k, {}) for k in ("lokr_w1", "lokr_w1_a")):
+        return "lokr"
+    return "dora" if "default" in getattr(layer, "lora_magnitude_vector", {}) else "lora"
+
+
+def _peft_param(layer: torch.nn.Module, suffix: str) -> torch.Tensor | None:
+    """The run's parameter behind a peft state-dict suffix (``lora_A.weight``, ``hada_w1_a`` ...), or None."""
+    attr, _, sub = suffix.partition(".")
+    holder = getattr(layer, attr, {})
+    if "default" not in holder:
+        return None
+    value = holder["default"]
+    if attr == "lora_magnitude_vector":  # a DoraLinearLayer holding the norms as .weight
+        return value.weight
+    return getattr(value, sub) if sub else value
 
 
 def _model_layers(module: torch.nn.Module, prefix: str) -> set[str]:
@@ -76,7 +97,7 @@ def init_lora_from(modules: dict[str, torch.nn.Module], path: str | Path, family
         raise ConceptorError(f"{name} has none of the {len(layers)} layers this run's LoRA trains (it has e.g. "
                              f"{next(iter(lora))}): it was made for another model or other --lora-targets")
     pairs = []
-    for layer_name, (down, up) in lora.items():
+    for layer_name, adapter in lora.items():
         prefix = layer_name.partition(".")[0]
         layer = layers.get(layer_name)
         if layer is None:
@@ -88,19 +109,27 @@ def init_lora_from(modules: dict[str, torch.nn.Module], path: str | Path, family
                                      "--lora-targets / --lora-text-encoder")
             raise ConceptorError(f"{name} trains {layer_name}, which this model does not have: it was made for "
                                  "another model")
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        if down.shape[0] != a.shape[0]:
-            raise ConceptorError(f"{name} has rank {down.shape[0]} but this run trains rank {a.shape[0]}: "
-                                 f"pass --rank {down.shape[0]}")
-        if down.shape != a.shape or up.shape != b.shape:
-            raise ConceptorError(f"{name}: {layer_name} is {up.shape[0]}x{down.shape[1]} but this model's layer "
-                                 f"is {b.shape[0]}x{a.shape[1]}: it was made for another model")
-        pairs.append((layer, down, up))
+        run_kind, file_kind = _kind(layer), lycoris.kind_of(adapter)
+        if run_kind != file_kind:
+            raise ConceptorError(f"{name} is a {file_kind} file but this run trains a {run_kind}: pass --adapter "
+                                 f"{file_kind}")
+        values = lycoris.peft_values(adapter, layer.scaling["default"])
+        params = {suffix: _peft_param(layer, suffix) for suffix in values}
+        if any(p is None for p in params.values()):  # a LoKr half full in the file, factored in the run (or back)
+            raise ConceptorError(f"{name}: {layer_name} is factored otherwise than this run's {run_kind}: match "
+                                 "--rank, --lokr-factor and --lokr-decompose-both to the file's")
+        for suffix, value in values.items():
+            if value.shape != params[suffix].shape:
+                if suffix in ("lora_A.weight", "hada_w1_b") and value.shape[0] != params[suffix].shape[0]:
+                    raise ConceptorError(f"{name} has rank {value.shape[0]} but this run trains rank "
+                                         f"{params[suffix].shape[0]}: pass --rank {value.shape[0]}")
+                raise ConceptorError(f"{name}: {layer_name} ({suffix}) is {tuple(value.shape)} but this run's is "
+                                     f"{tuple(params[suffix].shape)}: it was made for another model or shape")
+        pairs.append([(params[suffix], value) for suffix, value in values.items()])
     with torch.no_grad():  # only now, every layer checked: nothing is half-loaded on an error
-        for layer, down, up in pairs:
-            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            a.copy_(down.to(a.device, a.dtype))
-            b.copy_((up / layer.scaling["default"]).to(b.device, b.dtype))
+        for layer_values in pairs:
+            for param, value in layer_values:
+                param.copy_(value.to(param.device, param.dtype))
     fresh = len(layers) - len(pairs)
     log.info("LoRA init from %s: %d layers loaded%s", name, len(pairs),
              f", {fresh} layers of this run not in it start fresh" if fresh else "")

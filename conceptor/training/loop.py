@@ -170,6 +170,12 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
     """Devices and precision, the method's trainables, the run folder, optimizer, schedule and EMA."""
     t = cfg.train
     check_family_options(components, cfg)  # before the folder is touched: nothing written on a refused option
+    if cfg.lora is not None and cfg.lora.enabled:  # an adapter the layers cannot take: refused here too
+        from ..models.adapters import check_adapters, trainable_text_encoders
+
+        text = trainable_text_encoders(components) if cfg.lora.text_encoder else {}
+        check_adapters({components.denoiser_name: components.denoiser, **text}, cfg.lora, components.flow,
+                       t.quantize)
     action = check_output(cfg)  # again, now under the lock: the folder may have changed since the api's check
     trackers.check(t.log_with)  # a missing package costs nothing: before any model work
     accelerator = make_accelerator(t.mixed_precision, t.log_with, Path(t.output) / "logs" if t.log_with else None)
