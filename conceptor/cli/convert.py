@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     e.add_argument("--to", required=True, choices=["diffusers", "a1111", "kohya"])
     e.add_argument("--token", help="token name when the input file does not carry one")
     e.set_defaults(handler=run_embedding)
-    lo = kinds.add_parser("lora", help="LoRA weights (diffusers/PEFT <-> kohya, as A1111 and ComfyUI load)")
+    lo = kinds.add_parser("lora", help="LoRA/DoRA/LoHa/LoKr weights (diffusers/PEFT <-> kohya/LyCORIS, as A1111, "
+                                       "Forge and ComfyUI load)")
     lo.add_argument("src", metavar="IN")
     lo.add_argument("dst", metavar="OUT")
     lo.add_argument("--to", required=True, choices=["diffusers", "kohya"])
@@ -27,7 +28,9 @@ def run_embedding(args) -> None:
 
 def run_lora(args) -> None:
     from .. import api
+    from ..formats.lycoris import kind_of, rank_of
 
     lora = api.convert_lora(args.src, args.dst, to=args.to)
-    ranks = sorted({d.shape[0] for d, _ in lora.values()})
-    print(f"wrote {args.dst} ({args.to}): {len(lora)} layer(s), rank {'/'.join(map(str, ranks))}")
+    ranks = sorted({rank_of(layer) for layer in lora.values()})
+    kinds = "/".join(sorted({kind_of(layer) for layer in lora.values()}, key=("lora", "dora", "loha", "lokr").index))
+    print(f"wrote {args.dst} ({args.to}): {len(lora)} {kinds} layer(s), rank {'/'.join(map(str, ranks))}")

@@ -110,7 +110,8 @@ def _config(cfg: dict) -> str:
     if optim.get("lr") is not None:
         parts.append(f"lr {optim['lr']:g}" if isinstance(optim["lr"], (int, float)) else f"lr {optim['lr']}")
     if lora.get("enabled") or (lora and "enabled" not in lora):
-        parts.append(f"LoRA rank {lora.get('rank', '?')}")
+        kind = {"dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}.get(lora.get("adapter"), "LoRA")
+        parts.append(f"{kind} rank {lora.get('rank', '?')}")
     if (cfg.get("model") or {}).get("model"):
         parts.append(f"model {cfg['model']['model']}")
     return _cut(", ".join(parts))

@@ -50,13 +50,16 @@ def build_metadata(*, family: str, kind: str = "lora", title: str | None = None,
                    rank: int | None = None, alpha: float | None = None, steps: int | None = None,
                    epoch: int | None = None, started_at: float | None = None, finished_at: float | None = None,
                    tag_frequency: Mapping[str, Mapping[str, int]] | None = None, output_name: str | None = None,
-                   config: Mapping[str, Any] | None = None, keep_paths: bool = False) -> dict[str, str]:
+                   config: Mapping[str, Any] | None = None, keep_paths: bool = False, adapter: str = "lora",
+                   lokr_factor: int | None = None) -> dict[str, str]:
     """The ``__metadata__`` dict (all strings) for a file of ``kind`` trained on a ``family`` base model.
 
     ``family`` is conceptor's ("sd1", "sd2", "sdxl", "sd3", "flux"); an SD2 model with
     ``prediction_type="v_prediction"`` is the 768-v architecture, a Flux base whose name says "schnell" is
     schnell. ``started_at``/``finished_at`` are unix seconds (finished defaults to now). ``config`` is the
-    resolved run config as a dict; it is stored as JSON under ``conceptor.config``.
+    resolved run config as a dict; it is stored as JSON under ``conceptor.config``. ``adapter`` (lora, dora, loha,
+    lokr) is told as LyCORIS tells it to kohya-style managers: ``ss_network_module`` lycoris.kohya and
+    ``ss_network_args`` {"algo": ..., "dora_wd": ..., "factor": ...}.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
@@ -91,7 +94,12 @@ def build_metadata(*, family: str, kind: str = "lora", title: str | None = None,
         "conceptor.base_model_hash": base_model_hash,
     }
     if kind == "lora":  # the network keys kohya's minimum metadata keeps (train_util.SS_METADATA_MINIMUM_KEYS)
-        meta["ss_network_module"] = "networks.lora"
+        meta["ss_network_module"] = "networks.lora" if adapter == "lora" else "lycoris.kohya"
+        if adapter != "lora":  # LyCORIS writes every arg as a string
+            args = {"algo": "lora" if adapter == "dora" else adapter}
+            args |= {"dora_wd": "True"} if adapter == "dora" else {}
+            args |= {"factor": str(lokr_factor)} if adapter == "lokr" and lokr_factor is not None else {}
+            meta["ss_network_args"] = json.dumps(args)
         meta["ss_network_dim"] = None if rank is None else int(rank)
         meta["ss_network_alpha"] = None if alpha is None and rank is None else float(rank if alpha is None else alpha)
     if tag_frequency is not None:

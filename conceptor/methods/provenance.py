@@ -21,7 +21,7 @@ def base_fingerprint(module: torch.nn.Module) -> str:
     is fingerprinted in a second, and adapters are left out (a LoRA run's base stays the base)."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        if "lora_" in name:
+        if any(k in name for k in ("lora_", "hada_", "lokr_")):  # peft's LoRA/DoRA, LoHa and LoKr parameters
             continue
         h.update(name.replace(".base_layer", "").encode())
         h.update(str(tuple(t.shape)).encode())
@@ -50,7 +50,8 @@ class Provenance:
             rank=lora.rank if lora else None, alpha=(lora.alpha or lora.rank) if lora else None, steps=step,
             started_at=self.started, finished_at=time.time() if final else None, tag_frequency=self.tags,
             output_name=str(cfg.train.output).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1],
-            config=cfg.to_dict(), keep_paths=cfg.train.metadata_paths)
+            config=cfg.to_dict(), keep_paths=cfg.train.metadata_paths,
+            adapter=lora.adapter if lora else "lora", lokr_factor=lora.lokr_factor if lora else None)
 
 
 def _tag_frequency(ts) -> dict[str, dict[str, int]]:

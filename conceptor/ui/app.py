@@ -78,6 +78,8 @@ def build(page: Page):
                                            elem_id="resolution")
                     lora = gr.Checkbox(False, label="LoRA", elem_id="lora")
                     rank = gr.Number(4, precision=0, label="LoRA rank", elem_id="rank")
+                    adapter = gr.Dropdown(["lora", "dora", "loha", "lokr"], value="lora", label="adapter",
+                                          elem_id="adapter")
                 with gr.Accordion("advanced", open=False):
                     with gr.Row():
                         vectors = gr.Number(1, precision=0, label="vectors per token", elem_id="vectors")
@@ -141,7 +143,7 @@ def build(page: Page):
         # -- Train -----------------------------------------------------------------------------------
         form = [method, train_model, folder, uploads, token, init_word, instance, class_prompt, train_steps, lr,
                 resolution, lora, rank, vectors, batch, validation, validation_every, checkpoint_every, train_seed,
-                precision, name]
+                precision, name, adapter]
         start.click(page.start, form, [train_msg, job, uploads], concurrency_limit=4)
         cancel.click(page.cancel, job, train_msg, queue=False)
 

@@ -75,7 +75,7 @@ class Page:
 
     def start(self, method, model, folder, uploads, token, init_word, instance, class_prompt, steps, lr,
               resolution, lora, rank, vectors, batch, validation, validation_every, checkpoint_every, seed,
-              precision, name):
+              precision, name, adapter="lora"):
         import gradio as gr
 
         try:
@@ -85,7 +85,8 @@ class Page:
                              lora=bool(lora), rank=_int(rank, "LoRA rank") or 4, vectors=_int(vectors) or 1,
                              batch_size=_int(batch), validation_prompt=validation or "",
                              validation_every=_int(validation_every), checkpoint_every=_int(checkpoint_every),
-                             seed=_int(seed, "seed") or 0, mixed_precision=precision or "no", name=name or "")
+                             seed=_int(seed, "seed") or 0, mixed_precision=precision or "no", name=name or "",
+                             adapter=adapter or "lora")
             job = self.submit(form, _upload_paths(uploads))
         except (ConceptorError, OSError) as e:
             return _error(e), gr.Dropdown(), gr.File()

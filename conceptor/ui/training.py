@@ -39,6 +39,7 @@ class TrainForm:
     resolution: int | None = None
     lora: bool = False
     rank: int = 4
+    adapter: str = "lora"  # lora, dora, loha, lokr: any but lora trains adapters without the LoRA box ticked
     vectors: int = 1
     batch_size: int | None = None
     validation_prompt: str = ""
@@ -156,9 +157,9 @@ def form_config(form: TrainForm, folders: Folders, images: Path | None) -> dict:
         config[form.method.replace("-", "_")] = {}
         data["images"] = str(source)
     if form.method in ("dreambooth", "finetune"):
-        config["lora"] = {"enabled": bool(form.lora), "rank": int(form.rank)}
-    elif form.method == "pivotal":  # always a LoRA
-        config["lora"] = {"rank": int(form.rank)}
+        config["lora"] = {"enabled": bool(form.lora), "rank": int(form.rank), "adapter": form.adapter}
+    elif form.method == "pivotal":  # always an adapter
+        config["lora"] = {"rank": int(form.rank), "adapter": form.adapter}
     if validation:
         train["validation_prompts"] = [validation]
     return config
