@@ -23,7 +23,7 @@ PURE_ALIASES: set[tuple[str, str]] = set()
 NOT_SETTINGS = {"help", "config"}  # --config names the file the settings come from
 # Values other than the defaults that pass validation, where the generic ones below would not.
 VALUES = {"resolution": "72", "vectors": "3", "class_prompt": "a photo of a toy", "class_images": "class-dir",
-          "instance_prompt": "a photo of {} toy", "ti_frac": "0.37"}
+          "instance_prompt": "a photo of {} toy", "ti_frac": "0.37", "lokr_factor": "4"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -85,6 +85,9 @@ def test_every_train_flag_reaches_the_saved_config(method, action):
     if flag == "--class-images":  # needs prior preservation on to be valid
         argv += ["--class-prompt", "a photo of a toy"]
         base = _config(base_argv + ["--class-prompt", "a photo of a toy"])
+    if flag in ("--lokr-factor", "--lokr-decompose-both"):  # they shape a LoKr only
+        argv += ["--adapter", "lokr"]
+        base = _config(base_argv + ["--adapter", "lokr"])
     needs_lora = method in ("dreambooth", "finetune")  # pivotal tuning always trains a LoRA
     if needs_lora and (flag in ("--lora-text-encoder", "--init-lora") or flag == "--quantize"):
         argv += ["--lora"]  # both need a LoRA run to be valid (--quantize freezes the base)

@@ -143,7 +143,7 @@ def test_form_config_for_each_method_refuses_what_cannot_run(tmp_path):
     assert ti["train"]["batch_size"] == 8 and ti["optim"]["lr"] == 5e-3  # the demo's toy-world settings
     db = form_config(TrainForm("dreambooth", instance_prompt="a photo of sks toy", lora=True, rank=8, steps=40,
                                folder="pics", lr=1e-4), f, None)
-    assert db["lora"] == {"enabled": True, "rank": 8} and db["optim"]["lr"] == 1e-4
+    assert db["lora"] == {"enabled": True, "rank": 8, "adapter": "lora"} and db["optim"]["lr"] == 1e-4
     ft = form_config(TrainForm("finetune", steps=10, folder="pics"), f, None)
     assert ft["finetune"]["dataset"] == str((runs / "pics").resolve())
     with pytest.raises(ConceptorError, match="upload images or type a folder"):

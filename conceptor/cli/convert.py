@@ -33,4 +33,5 @@ def run_lora(args) -> None:
     lora = api.convert_lora(args.src, args.dst, to=args.to)
     ranks = sorted({rank_of(layer) for layer in lora.values()})
     kinds = "/".join(sorted({kind_of(layer) for layer in lora.values()}, key=("lora", "dora", "loha", "lokr").index))
-    print(f"wrote {args.dst} ({args.to}): {len(lora)} {kinds} layer(s), rank {'/'.join(map(str, ranks))}")
+    kinds = "" if kinds == "lora" else f" ({kinds})"
+    print(f"wrote {args.dst} ({args.to}): {len(lora)} layer(s){kinds}, rank {'/'.join(map(str, ranks))}")

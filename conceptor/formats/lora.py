@@ -14,7 +14,6 @@ LoKr layers (lycoris.py) sit in the same mapping as records of their own kind, s
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -207,21 +206,7 @@ def _matrix(t: torch.Tensor, where: str, key: str) -> torch.Tensor:
     return t
 
 
-def _alpha(alpha: torch.Tensor, where: str, key: str) -> float:
-    """kohya's alpha: one positive number. [1] and [1, 1] shapes pass, as A1111, ComfyUI and diffusers read them
-    with ``.item()``; 0 would silently switch the layer off, a negative value flip it."""
-    if alpha.layout != torch.strided or alpha.numel() != 1:
-        raise ConceptorError(f"{where}: {key} has shape {tuple(alpha.shape)}; alpha is a single number")
-    if alpha.dtype == torch.bool or alpha.is_complex():
-        raise ConceptorError(f"{where}: {key} has dtype {alpha.dtype}; alpha is a real number")
-    value = float(alpha.reshape(()))
-    if not math.isfinite(value):
-        raise ConceptorError(f"{where}: {key} holds NaN/inf; the file is damaged")
-    if value <= 0:
-        raise ConceptorError(f"{where}: {key} is {value:g}, but alpha must be positive (0 switches the layer off, "
-                             "a negative value flips it); the file is damaged. To weaken or invert a LoRA give a "
-                             "scale: FILE:0.5 or FILE:-1")
-    return value
+_alpha = lycoris.check_alpha  # one rule for alpha in every kind
 
 
 def write_lora(lora: LoraWeights, path: str | Path, to: str = "diffusers", metadata: dict | None = None) -> Path:

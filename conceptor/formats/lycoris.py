@@ -17,6 +17,7 @@ File keys on one layer's base name (kohya ``lora_unet_<path>`` or diffusers ``un
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -204,9 +205,24 @@ def _chain(where: str, base: str, *pairs) -> None:
 
 
 def _scale(alpha: torch.Tensor | None, rank: int, where: str, base: str) -> float:
-    from .lora import _alpha  # one rule for alpha in every kind
+    return 1.0 if alpha is None else check_alpha(alpha, where, f"{base}.alpha") / rank
 
-    return 1.0 if alpha is None else _alpha(alpha, where, f"{base}.alpha") / rank
+
+def check_alpha(alpha: torch.Tensor, where: str, key: str) -> float:
+    """kohya's alpha: one positive number. [1] and [1, 1] shapes pass, as A1111, ComfyUI and diffusers read them
+    with ``.item()``; 0 would silently switch the layer off, a negative value flip it."""
+    if alpha.layout != torch.strided or alpha.numel() != 1:
+        raise ConceptorError(f"{where}: {key} has shape {tuple(alpha.shape)}; alpha is a single number")
+    if alpha.dtype == torch.bool or alpha.is_complex():
+        raise ConceptorError(f"{where}: {key} has dtype {alpha.dtype}; alpha is a real number")
+    value = float(alpha.reshape(()))
+    if not math.isfinite(value):
+        raise ConceptorError(f"{where}: {key} holds NaN/inf; the file is damaged")
+    if value <= 0:
+        raise ConceptorError(f"{where}: {key} is {value:g}, but alpha must be positive (0 switches the layer off, "
+                             "a negative value flips it); the file is damaged. To weaken or invert a LoRA give a "
+                             "scale: FILE:0.5 or FILE:-1")
+    return value
 
 
 def dora_magnitude(t: torch.Tensor, out: int, where: str, key: str) -> torch.Tensor:
