@@ -182,8 +182,9 @@ class LoraConfig:
                                "feed-forward", flag="--lora-targets", choices=LORA_TARGET_SETS)
     text_encoder: bool = opt(False, "a LoRA of the text encoder too", flag="--lora-text-encoder",
                              only=("dreambooth", "pivotal"))
-    init_from: str | None = opt(None, "continue training this LoRA file (diffusers, PEFT or kohya layout; same rank "
-                                      "and layers)", flag="--init-lora", metavar="FILE", input=True)
+    init_from: str | None = opt(None, "continue training this adapter file (LoRA/DoRA/LoHa/LoKr in diffusers, PEFT or "
+                                      "kohya layout; same kind, rank and layers)", flag="--init-lora", metavar="FILE",
+                                input=True)
     adapter: str = opt("lora", "adapter kind: lora; dora (LoRA plus a learned norm per output, Liu et al. 2024); "
                                "loha (Hadamard product of two low-rank pairs); lokr (Kronecker product). Any but "
                                "lora implies --lora", choices=ADAPTER_KINDS)

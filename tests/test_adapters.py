@@ -212,6 +212,17 @@ def test_dreambooth_trains_only_the_adapter(tiny_sd1, concept_images, tmp_path, 
     assert model.generate("a photo of sks toy", steps=2, width=64, height=64)[0].size == (64, 64)
 
 
+def test_sdxl_loha_trains_both_text_encoders(tiny_sdxl, concept_images, tmp_path):
+    result = api.train(adapter_config(tiny_sdxl, concept_images, tmp_path / "xl", "loha", steps=2, text_encoder=True))
+    path = result.output / "pytorch_lora_weights.safetensors"
+    prefixes = {k.split("_", 2)[1] for k in safe_open(str(path), "pt").keys()}
+    assert prefixes == {"unet", "te1", "te2"}  # kohya's SDXL names: lora_unet_, lora_te1_, lora_te2_
+    lora = read_lora(path)
+    assert {n.split(".")[0] for n in lora} == {"unet", "text_encoder", "text_encoder_2"}
+    model = api.load(str(tiny_sdxl), loras=[str(path)])
+    assert model.generate("a photo of sks toy", steps=2, width=64, height=64)[0].size == (64, 64)
+
+
 def test_loha_resume_equals_uninterrupted(tiny_sd1, concept_images, tmp_path):
     api.train(adapter_config(tiny_sd1, concept_images, tmp_path / "a", "loha", steps=6))
     cfg = adapter_config(tiny_sd1, concept_images, tmp_path / "b", "loha", steps=3)
