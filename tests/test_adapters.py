@@ -316,3 +316,19 @@ def test_damaged_lycoris_files_are_named(tmp_path):
     save_file(lora, tmp_path / "dora.safetensors")
     with pytest.raises(ConceptorError, match="only DoRA over output rows"):
         read_lora(tmp_path / "dora.safetensors")
+
+
+def test_flux_dora_trains_and_loads(tiny_flux, concept_images, tmp_path):
+    """Flux and SD3 take DoRA in diffusers' layout; kohya's fused Flux layout is refused for it in one line."""
+    result = api.train(adapter_config(tiny_flux, concept_images, tmp_path / "flux", "dora", steps=2))
+    path = result.output / "pytorch_lora_weights.safetensors"
+    lora = read_lora(path)
+    assert {lycoris.kind_of(x) for x in lora.values()} == {"dora"} and all(n.startswith("transformer.") for n in lora)
+    model = api.load(str(tiny_flux), loras=[str(path)])
+    name, layer = next(iter(lora.items()))
+    module = dict(model.components.transformer.named_modules())[name.partition(".")[2]]
+    base = dict(load_components(tiny_flux).transformer.named_modules())[name.partition(".")[2]]
+    torch.testing.assert_close(module.weight, base.weight + lycoris.delta(layer, base.weight), atol=TOL, rtol=0)
+    with pytest.raises(ConceptorError, match="only a plain LoRA survives"):
+        convert_lora(path, tmp_path / "k.safetensors", "kohya")
+    assert not (tmp_path / "k.safetensors").exists()
