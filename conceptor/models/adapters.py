@@ -126,8 +126,8 @@ def save_adapters(modules: dict[str, torch.nn.Module], folder: Path, step: int, 
         # measured with diffusers 0.42 / transformers 5.23 / peft 0.21 (tests/test_adapters.py): the UNet's
         # DoRA loads exactly, the text encoder's magnitudes stay at their initial norms
         logging.getLogger("conceptor").warning(
-            "diffusers' load_lora_weights drops a text encoder's DoRA magnitudes (an upstream loss); conceptor, "
-            "ComfyUI and LyCORIS read them: convert with `conceptor convert lora --to kohya` for A1111/ComfyUI")
+            "diffusers' load_lora_weights drops a text encoder's DoRA magnitudes (an upstream loss); conceptor and "
+            "LyCORIS read them, and `conceptor lora merge` bakes the adapter into a model every tool loads")
     name = LORA_FILE if final else LORA_FILE.replace(".safetensors", f"-steps-{step}.safetensors")
     return [write_lora(lora, Path(folder) / name, default_layout(lora), metadata=metadata)]
 
