@@ -73,9 +73,9 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
         try:
             path, scale = head, float(tail)
         except ValueError:
-            raise ConceptorError(f"--lora {arg}: the part after ':' must be a scale like 0.8") from None
+            raise ConceptorError(f"LoRA {arg}: the part after ':' must be a scale like 0.8") from None
         if not math.isfinite(scale):  # float() takes "nan" and "inf"; merged, they turn every weight into NaN
-            raise ConceptorError(f"--lora {arg}: the scale {tail} is not a finite number; give one like 0.8")
+            raise ConceptorError(f"LoRA {arg}: the scale {tail} is not a finite number; give one like 0.8")
     p = Path(path)
     if p.is_dir():
         p = p / "pytorch_lora_weights.safetensors"

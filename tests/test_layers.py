@@ -22,7 +22,7 @@ LAYERS = [
     ["conceptor.methods.*"],
     ["conceptor.training"],
     ["conceptor.api"],
-    ["conceptor.eval", "conceptor.toyworld.*", "conceptor.demo"],  # applications of the api
+    ["conceptor.eval", "conceptor.toyworld.*", "conceptor.demo", "conceptor.lora_tools"],  # applications of the api
     ["conceptor", "conceptor.cli", "conceptor.__main__", "conceptor.ui"],  # the face: api re-exports, CLI, page
 ]
 

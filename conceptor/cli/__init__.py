@@ -1,4 +1,4 @@
-"""Command line: ``conceptor train|generate|convert|eval|info|dataset|demo|ui``.
+"""Command line: ``conceptor train|generate|convert|lora|eval|info|dataset|demo|ui``.
 
 Parse, then call the API; nothing else here.
 """
@@ -39,13 +39,13 @@ def _close_progress_bars() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, dataset, demo, eval, generate, info, toyworld, train, ui
+    from . import convert, dataset, demo, eval, generate, info, lora, toyworld, train, ui
 
     parser = _Parser(prog="conceptor", description="Teach Stable Diffusion new concepts and generate with them.")
     parser.add_argument("--version", action="version", version=f"conceptor {__import__('conceptor').__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (train, generate, convert, eval, info, dataset, demo, toyworld, ui):
+    for module in (train, generate, convert, lora, eval, info, dataset, demo, toyworld, ui):
         module.add_parser(sub)
     return parser
 
