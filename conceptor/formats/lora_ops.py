@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import lycoris
-from .lora import LoraWeights
-
-TEXT_PREFIXES = ("text_encoder", "text_encoder_2")
+from .lora import _TEXT, LoraWeights, _module_of
 
 
 @dataclass
@@ -127,9 +125,7 @@ def low_rank_of(diff: torch.Tensor, rank: int, stats: LowRank) -> tuple[torch.Te
 
 def module_path(prefix: str, name: str) -> str:
     """A layer's name in LoraWeights: text-encoder paths lose CLIP's ``text_model.`` level (as lora.py reads)."""
-    if prefix in TEXT_PREFIXES and name.startswith("text_model."):
-        name = name[len("text_model."):]
-    return f"{prefix}.{name}"
+    return f"{prefix}.{_module_of(name) if prefix in _TEXT else name}"
 
 
 def linear_layers(modules: dict[str, torch.nn.Module | None], targets: dict[str, list[str]]) -> dict:

@@ -270,8 +270,8 @@ def from_peft(sd: dict[str, torch.Tensor], base: str, scale: float, kind: str) -
         w1a, w1b, w2a, w2b = (get(k) for k in LOHA_KEYS)
         return Loha(w1a * scale, w1b, w2a, w2b)
     if kind == "lokr":
-        w1 = (get("lokr_w1"),) if get("lokr_w1") is not None else (get("lokr_w1_a"), get("lokr_w1_b"))
-        w2 = (get("lokr_w2"),) if get("lokr_w2") is not None else (get("lokr_w2_a"), get("lokr_w2_b"))
+        w1, w2 = (((get(f"lokr_w{n}"),) if f"{base}.lokr_w{n}" in sd else (get(f"lokr_w{n}_a"), get(f"lokr_w{n}_b")))
+                  for n in "12")
         return Lokr(w1, (*w2[:-1], w2[-1] * scale))
     down, up = get("lora_A.weight"), get("lora_B.weight") * scale
     magnitude = get("lora_magnitude_vector")

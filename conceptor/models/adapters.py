@@ -118,11 +118,12 @@ def save_adapters(modules: dict[str, torch.nn.Module], folder: Path, step: int, 
     """The trained adapters of every module in one file (``-steps-N`` for a snapshot): diffusers' layout for LoRA
     and DoRA, the LyCORIS one for LoHa/LoKr (diffusers loads neither; A1111, Forge and ComfyUI load both)."""
     from ..formats.lora import default_layout, lora_from_peft, write_lora
+    from ..formats.lycoris import kind_of
 
     lora = {}
     for name, m in modules.items():
         lora.update(lora_from_peft(m, name))
-    if final and any(n.startswith("text_encoder") and type(x).__name__ == "Dora" for n, x in lora.items()):
+    if final and any(n.startswith("text_encoder") and kind_of(x) == "dora" for n, x in lora.items()):
         # measured with diffusers 0.42 / transformers 5.23 / peft 0.21 (tests/test_adapters.py): the UNet's
         # DoRA loads exactly, the text encoder's magnitudes stay at their initial norms
         logging.getLogger("conceptor").warning(
