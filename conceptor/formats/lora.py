@@ -231,7 +231,8 @@ def lora_tensors(lora: LoraWeights, to: str, where: str) -> dict[str, torch.Tens
     kinds = {lycoris.kind_of(layer) for layer in lora.values()}
     pairs = dict(lora)
     if to == "diffusers" and not kinds <= set(lycoris.DIFFUSERS_KINDS):
-        raise ConceptorError(f"{where}: diffusers loads no {'/'.join(sorted(kinds - {'lora', 'dora'})).upper()} "
+        names = "/".join(sorted({"loha": "LoHa", "lokr": "LoKr"}[k] for k in kinds - {"lora", "dora"}))
+        raise ConceptorError(f"{where}: diffusers loads no {names} "
                              "file; write it with --to kohya (the LyCORIS layout A1111, Forge and ComfyUI load)")
     if to == "kohya" and family == "sd3":
         raise ConceptorError(f"{where}: kohya has no SD3 LoRA layout that diffusers reads; write it with "
