@@ -41,6 +41,7 @@ MEASURE_GROUP = "measuring (when is the concept learned)"
 BEST_METRICS = ("val_loss", "fidelity", "similarity", "editability", "clip_t", "clip_i", "dino")
 FLOW_SAMPLING = ("logit_normal", "uniform", "mode")  # training/flow.py's SCHEMES
 FLOW_WEIGHTING = ("none", "sigma_sqrt", "cosmap")  # training/flow.py's WEIGHTINGS
+OPTIMIZERS = ("adamw", "prodigy")  # training/optim.py make_optimizer
 
 
 @dataclass
@@ -92,7 +93,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float | None = opt(None, "learning rate (default: textual inversion 5e-4, DreamBooth 5e-6, LoRA 1e-4)")
+    optimizer: str = opt("adamw", "adamw (default) or prodigy (Mishchenko & Defazio 2024: estimates its own step "
+                                  "size; --lr becomes a multiplier, default 1.0)", choices=OPTIMIZERS)
+    lr: float | None = opt(None, "learning rate (default: textual inversion 5e-4, DreamBooth 5e-6, LoRA 1e-4; "
+                                 "prodigy 1.0)")
     scale_lr: bool = opt(False, "multiply lr by batch size x grad accumulation x processes")
     lr_scheduler: str = opt("constant", None, choices=("constant", "cosine", "linear"))
     warmup: int = opt(0, "linear warm-up steps", metavar="N")
@@ -124,6 +128,11 @@ class TrainConfig:
     validation_sampling_steps: int = opt(25, cli=False)
     snr_gamma: float | None = opt(None, "min-SNR loss weighting (Hang et al. 2023), e.g. 5.0")
     noise_offset: float = opt(0.0, "offset noise strength, e.g. 0.05")
+    # kohya's --min_timestep/--max_timestep: a window of the DDPM schedule. The high (noisy) end is where the
+    # prompt decides layout and colour; the low end mostly refines texture the text barely steers.
+    min_timestep: int = opt(0, "UNet models: draw training timesteps from MIN up (default 0)", metavar="T")
+    max_timestep: int | None = opt(None, "UNet models: draw training timesteps below MAX (default: the "
+                                         "schedule's length, 1000)", metavar="T")
     log_every: int = opt(10, "loss log interval in steps", metavar="N")
     epochs: int | None = opt(None, "passes over the dataset (sets --steps)", metavar="N", only=("finetune",))
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory)")
@@ -341,7 +350,10 @@ def build_config(method: str | MethodSpec, file_values: dict[str, Any] | None,
     if cfg.data.repeats is None and not d.dataset_file():
         cfg.data.repeats = spec.repeats
     if cfg.optim.lr is None:
-        cfg.optim.lr = spec.lora_lr if cfg.lora is not None and cfg.lora.enabled else spec.lr
+        if cfg.optim.optimizer == "prodigy":  # Prodigy finds the step size; lr scales it (its authors' default 1.0)
+            cfg.optim.lr = 1.0
+        else:
+            cfg.optim.lr = spec.lora_lr if cfg.lora is not None and cfg.lora.enabled else spec.lr
     validate(cfg, spec)
     return cfg
 
@@ -373,6 +385,9 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
         (0 <= t.seed <= MAX_TRAIN_SEED, f"--seed must be between 0 and {MAX_TRAIN_SEED}, got {t.seed}"),
         (t.snr_gamma is None or t.snr_gamma > 0, "--snr-gamma must be positive (5.0 is the paper's value)"),
         (t.noise_offset >= 0, "--noise-offset must be >= 0"),
+        (t.min_timestep >= 0, "--min-timestep must be >= 0"),
+        (t.max_timestep is None or t.max_timestep > t.min_timestep,
+         f"--max-timestep must be above --min-timestep ({t.min_timestep}): timesteps are drawn from [MIN, MAX)"),
         (t.logit_std > 0, "--logit-std must be positive"),
         (t.flow_shift is None or t.flow_shift > 0, "--flow-shift must be positive (1 = no shift, SD3 uses 3.0)"),
         (t.guidance_scale is None or t.guidance_scale >= 0, "--guidance-scale must be >= 0"),
@@ -382,6 +397,9 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
         (0 < t.ema_decay < 1, "--ema-decay must be between 0 and 1, e.g. 0.9999"),
         (o.lr_scheduler in ("constant", "cosine", "linear"), "--lr-scheduler must be constant, cosine or linear"),
         (o.warmup >= 0, "--warmup must be >= 0"),
+        (o.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+        (not (o.use_8bit_adam and o.optimizer != "adamw"), "--use-8bit-adam is an AdamW; leave it out with "
+                                                            f"--optimizer {o.optimizer}"),
         (o.max_grad_norm is None or o.max_grad_norm > 0,
          "--max-grad-norm must be positive (e.g. 1.0); leave it out for no clipping"),
         (o.weight_decay >= 0, "--weight-decay must be >= 0"),

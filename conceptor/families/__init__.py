@@ -41,12 +41,19 @@ def check_family_options(c, cfg) -> None:
                                      "UNet model: leave it out")
         if cfg.model.max_sequence_length is not None:
             raise ConceptorError(f"--max-sequence-length sets T5's length (SD3, Flux); {c.source} has no T5")
+        steps = c.scheduler.config.num_train_timesteps
+        if max(t.min_timestep + 1, t.max_timestep or 0) > steps:
+            raise ConceptorError(f"--min-timestep/--max-timestep must lie within {c.source}'s {steps} training "
+                                 f"timesteps (MAX at most {steps})")
         return
     for ok, message in (
         (t.snr_gamma is None, f"--snr-gamma weighs epsilon/v-prediction losses; {family.title} trains flow "
                               "matching: use --loss-weighting sigma_sqrt|cosmap instead"),
         (t.noise_offset == 0, f"--noise-offset is for epsilon/v-prediction UNets; {family.title} trains flow "
                               "matching: leave it out"),
+        (t.min_timestep == 0 and t.max_timestep is None,
+         f"--min-timestep/--max-timestep window DDPM timesteps of UNet models; {family.title} trains flow matching: "
+         "use --timestep-sampling/--logit-mean/--flow-shift instead"),
         (t.guidance_scale is None or family.uses_guidance(c),
          f"--guidance-scale feeds a guidance embedding that {c.source} does not have (Flux.1-schnell and SD3 have "
          "none): leave it out"),

@@ -9,9 +9,11 @@ def _bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniform integer timesteps in [0, T) as in DDPM training (Ho et al. 2020, Alg. 1)."""
-    return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=generator.device).to(device)
+                     device: torch.device | str = "cpu", low: int = 0, high: int | None = None) -> torch.Tensor:
+    """Uniform integer timesteps in [low, high) (default [0, T), DDPM training: Ho et al. 2020, Alg. 1). The same
+    generator draws make the default window exactly the old uniform draw."""
+    high = num_train_timesteps if high is None else high
+    return torch.randint(low, high, (n,), generator=generator, device=generator.device).to(device)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

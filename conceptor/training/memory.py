@@ -9,7 +9,7 @@ full size alongside the forward's activations. Sizes are bytes; tables print SI 
   the ``quantize`` format (``QUANT_BYTES``); text encoders only when their outputs are not cached, the VAE
   only when latents are not. Full fine-tuning keeps fp32 masters (under "trainable") and, with a half base
   dtype, the half copies autocast makes of them during a forward.
-- trainable, grads: fp32, 4 bytes each. optimizer: AdamW 8 bytes per trainable, 8-bit AdamW 2.
+- trainable, grads: fp32, 4 bytes each. optimizer: AdamW 8 bytes per trainable, 8-bit AdamW 2, Prodigy 16.
 - activations: what autograd keeps for backward (``block_bytes``), plus one block's gradients in flight and,
   on a quantized base, one layer's weight dequantized for its matmul.
 - overhead: CUDA context and caching-allocator fragmentation (``CUDA_OVERHEAD``), an explicit constant.
@@ -33,7 +33,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # bytes per quantized weight: nf4 = 4 bits + an 8-bit absmax per 64 weights + an fp32 constant per 256
 # absmax (double quantization); int8 and fp8 = 1 byte (their per-row fp32 scale is added per layer).
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0, "fp8": 1.0}
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # two moments per trainable parameter
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}  # AdamW: two moments; Prodigy: also s and x0
 KEEP_UNQUANTIZED = ("x_embedder", "context_embedder", "time_text_embed", "pos_embed", "proj_out", "norm_out")
 
 # -- the full-size reference configurations (diffusers' transformer/config.json, transformers' config.json) --
@@ -106,7 +106,7 @@ class TrainingPlan:
     gradient_checkpointing: bool = False
     cache_text: bool = False  # text-encoder outputs precomputed: no text encoder on the GPU while training
     cache_latents: bool = False  # latents precomputed: no VAE on the GPU while training
-    optimizer: str = "adamw"  # adamw | adamw8bit
+    optimizer: str = "adamw"  # adamw | adamw8bit | prodigy
     overhead: float = CUDA_OVERHEAD
 
     @property
@@ -319,7 +319,7 @@ def _check(plan: TrainingPlan) -> None:
         (plan.training in ("lora", "full"), f"training {plan.training}: choose lora or full"),
         (plan.quantize is None or plan.training == "lora",
          "--quantize keeps the base frozen: it works with LoRA, not full fine-tuning"),
-        (plan.optimizer in OPTIMIZER_BYTES, f"optimizer {plan.optimizer}: choose adamw or adamw8bit"),
+        (plan.optimizer in OPTIMIZER_BYTES, f"optimizer {plan.optimizer}: choose adamw, adamw8bit or prodigy"),
         (plan.batch_size >= 1 and min(plan.size) >= 16, "batch size and resolution must be positive"),
     ):
         if not ok:

@@ -29,9 +29,26 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
 
 
 def param_groups(groups: list[dict], cfg: RunConfig, processes: int) -> list[dict]:
-    """A method's param groups with their learning rates (a group may carry its own); --scale-lr scales all."""
+    """A method's param groups with their learning rates (a group may carry its own); --scale-lr scales all.
+
+    Prodigy: every group gets --lr. Its lr multiplies the one step size it estimates for all groups, so a
+    group's own AdamW rate (pivotal's 5e-4 for the vectors) would freeze that group; diffusers' advanced
+    DreamBooth script overrides the text encoder's rate the same way."""
     scale = cfg.train.batch_size * cfg.train.grad_accum * processes if cfg.optim.scale_lr else 1
-    return [{**g, "params": list(g["params"]), "lr": g.get("lr", cfg.optim.lr) * scale} for g in groups]
+    own = cfg.optim.optimizer == "adamw"
+    if not own and any("lr" in g for g in groups):
+        log.info("--optimizer %s: every parameter group trains at --lr %g (its own learning rates are AdamW's)",
+                 cfg.optim.optimizer, cfg.optim.lr)
+    return [{**g, "params": list(g["params"]), "lr": (g.get("lr", cfg.optim.lr) if own else cfg.optim.lr) * scale}
+            for g in groups]
+
+
+def prodigy():
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ConceptorError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
+    return Prodigy
 
 
 def bitsandbytes(device: torch.device):
@@ -49,6 +66,10 @@ def make_optimizer(groups: list[dict], cfg: RunConfig, device: torch.device):
     kwargs = dict(betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon)
     if o.use_8bit_adam:
         return bitsandbytes(device).optim.AdamW8bit(groups, **kwargs)
+    if o.optimizer == "prodigy":
+        # Bias correction and the warm-up safeguard as its authors advise for diffusion models (and diffusers'
+        # advanced DreamBooth script sets): without them the early step-size estimate overshoots.
+        return prodigy()(groups, use_bias_correction=True, safeguard_warmup=o.warmup > 0, **kwargs)
     # One fused kernel for all parameters on a GPU instead of a loop of small ones.
     return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
 

@@ -80,7 +80,7 @@ def plan_of(cfg: RunConfig, arch: M.Architecture, default_side: int = 1024) -> M
         training=training, rank=lora.rank if lora_on else 1, targets=targets if lora_on else ("__none__",),
         batch_size=t.batch_size * (2 if getattr(cfg.options, "class_prompt", None) else 1), resolution=side,
         gradient_checkpointing=t.gradient_checkpointing, cache_text=False, cache_latents=False,
-        optimizer="adamw8bit" if cfg.optim.use_8bit_adam else "adamw")
+        optimizer="adamw8bit" if cfg.optim.use_8bit_adam else cfg.optim.optimizer)
 
 
 def gpu_budget() -> float | None:
