@@ -107,8 +107,10 @@ def run_diffusers(method: str, images: Path, out: Path, steps: int, every: int, 
     import diffusers_scripts as D
 
     optim, train, data = resolved["optim"], resolved["train"], resolved["data"]
-    common = {"steps": steps, "seed": seed, "lr": optim["lr"], "batch_size": train["batch_size"],
-              "resolution": data["resolution"] or 64, "save_every": every}
+    adamw = optim.get("optimizer", "adamw") == "adamw"
+    common = {"steps": steps, "seed": seed, "lr": optim["lr"] if adamw else None, "batch_size": train["batch_size"],
+              "resolution": data["resolution"] or 64, "save_every": every, "lr_scheduler": optim["lr_scheduler"],
+              "warmup": optim["warmup"]}
     if method == "textual-inversion":
         return D.run_textual_inversion(model, images, out, token=TOKEN, init_token=INIT, **common)
     if method == "dreambooth":
@@ -144,29 +146,55 @@ def score_snapshots(method: str, snaps: list[tuple[int, Path]], model: str | Non
     return rows
 
 
+def base_prior(model: str | None, shape: str, n: int) -> float:
+    """Prior retention of the untrained model for this shape: the toy "object" class is mostly crescents
+    (the untrained model draws one for about half of "a photo of a object"), so a crescent concept starts low."""
+    from conceptor import api
+    from conceptor.eval.concept import prior_retention
+    from conceptor.toyworld.evaluator import load_evaluator
+
+    return prior_retention(api.load(model), load_evaluator(), CLASS, shape, n=n)[0]
+
+
+def at(curve: list[dict], step: int, key: str):
+    return next((p[key] for p in curve if p["step"] == step and key in p), None)
+
+
 def steps_to(curve: list[dict], target: float) -> int | None:
     return next((r["step"] for r in curve if r["fidelity"] >= target), None)
 
 
-def summarise(runs: list[dict], target: float = 0.8) -> list[str]:
+def summarise(runs: list[dict], target: float = 0.8, goal_step: int = 150) -> list[str]:
+    """One row per method and source. Prior retention is given as measured and relative to the untrained
+    model's (``base_prior``: 1.0 = drew the subject for the class prompt no more often than before training)."""
     lines = ["| method | source | runs | steps to fidelity 0.8 (mean of runs reaching it; never) | fidelity at "
-             + " / ".join(map(str, TABLE_STEPS)) + " | editability at last | prior retention at last |",
+             + " / ".join(map(str, TABLE_STEPS)) + f" | editability at {goal_step} / last | prior retention at "
+             f"{goal_step} / last (relative to the untrained model) |",
              "|---|---|---|---|---|---|---|"]
     keys = sorted({(r["method"], r["source"]) for r in runs})
     for method, source in keys:
         rs = [r for r in runs if r["method"] == method and r["source"] == source]
         reached = [s for s in (steps_to(r["curve"], target) for r in rs) if s is not None]
         never = len(rs) - len(reached)
-        at = []
+        fid = []
         for step in TABLE_STEPS:
-            vals = [p["fidelity"] for r in rs for p in r["curve"] if p["step"] == step]
-            at.append(f"{statistics.mean(vals):.2f}" if vals else "-")
-        last = [r["curve"][-1] for r in rs]
-        edit = statistics.mean(p["editability"] for p in last)
-        prior = [p["prior_retention"] for p in last if "prior_retention" in p]
+            vals = [v for r in rs if (v := at(r["curve"], step, "fidelity")) is not None]
+            fid.append(f"{statistics.mean(vals):.2f}" if vals else "-")
+        edit = [statistics.mean(v for r in rs if (v := at(r["curve"], step, "editability")) is not None)
+                if any(at(r["curve"], step, "editability") is not None for r in rs) else None
+                for step in (goal_step, rs[0]["curve"][-1]["step"])]
+        prior = []
+        for step in (goal_step, None):
+            pairs = [(v, r.get("base_prior")) for r in rs
+                     if (v := at(r["curve"], step if step else r["curve"][-1]["step"], "prior_retention")) is not None]
+            if pairs:
+                rel = [min(1.0, v / b) if b else 1.0 for v, b in pairs if b is not None]
+                prior.append(f"{statistics.mean(v for v, _ in pairs):.2f}"
+                             + (f" ({statistics.mean(rel):.2f})" if rel else ""))
         lines.append(f"| {method} | {source} | {len(rs)} | "
-                     f"{f'{statistics.mean(reached):.0f}' if reached else '-'} ({never} never) | {' / '.join(at)} | "
-                     f"{edit:.2f} | {f'{statistics.mean(prior):.2f}' if prior else '-'} |")
+                     f"{f'{statistics.mean(reached):.0f}' if reached else '-'} ({never} never) | {' / '.join(fid)} | "
+                     + " / ".join(f"{e:.2f}" if e is not None else "-" for e in edit) + " | "
+                     + (" / ".join(prior) if prior else "-") + " |")
     return lines
 
 
@@ -238,6 +266,9 @@ def main() -> None:
         images = concept_images(concept, work)
         references = [Image.open(p).convert("RGB") for p in sorted(images.glob("*.png"))]
         color, shape = concept.split("-")
+        prior0 = None
+        if any(m != "textual-inversion" for m in args.methods.split(",")):
+            prior0 = base_prior(args.model, shape, args.eval_images)
         for method in args.methods.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
                 resolved = None
@@ -263,6 +294,8 @@ def main() -> None:
                                             args.eval_images, TABLE_STEPS)
                     run = {"concept": concept, "method": method, "source": source, "seed": seed,
                            "train_s": round(train_s, 1), "curve": curve}
+                    if method != "textual-inversion":
+                        run["base_prior"] = prior0
                     runs.append(run)
                     points = " ".join(f"{p['step']}:{p['fidelity']:.2f}" for p in curve)
                     print(f"{concept} {method} {source} seed {seed} ({train_s:.0f} s): {points}", flush=True)

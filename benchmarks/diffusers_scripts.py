@@ -22,8 +22,9 @@ Flags. Besides the ones a caller gives, ``conceptor_flags=True`` (the default) p
 the settings where conceptor's defaults differ from the script's: ``--adam_weight_decay 0`` (conceptor's
 ``optim.weight_decay`` is 0.0; the scripts' 1e-2), and for DreamBooth-LoRA ``--max_grad_norm inf`` (conceptor
 clips nothing by default; the script always clips at 1.0; clipping at inf is an exact no-op). Both scripts
-already default to ``--scale_lr`` off and ``--lr_scheduler constant`` like conceptor; ``--lr_warmup_steps 0``
-is passed (the default 500 is ignored by the constant schedule anyway). ``conceptor_flags=False`` keeps the
+already default to ``--scale_lr`` off; the schedule and warm-up are the caller's (``lr_scheduler``, ``warmup``:
+conceptor's), and ``lr=None`` leaves the script's own default rate (1e-4 for textual inversion, 5e-4 for
+DreamBooth-LoRA). ``conceptor_flags=False`` keeps the
 scripts' own values. What cannot be matched by a flag: textual_inversion.py resizes every image to a square
 ``resolution`` (bicubic, no crop), flips with p=0.5 and captions with its 27 "imagenet_templates_small"
 ("a photo of a {}", ...); train_dreambooth_lora.py resizes the shorter side (lanczos) and random-crops, with
@@ -135,8 +136,16 @@ def _with_final(saved: list[tuple[int, Path]], steps: int, final: Path) -> list[
     return sorted((s, p) for s, p in saved if s != steps) + [(steps, final)]
 
 
+def _lr_flags(lr: float | None, scheduler: str, warmup: int) -> list[str]:
+    """The schedule as conceptor's; the learning rate unless None (the script's own default: conceptor's rate
+    means something else under --optimizer prodigy, which neither script has)."""
+    flags = ["--lr_scheduler", scheduler, "--lr_warmup_steps", str(warmup)]
+    return flags if lr is None else ["--learning_rate", repr(float(lr)), *flags]
+
+
 def run_textual_inversion(model: str, images: Path, out: Path, *, token: str, init_token: str, steps: int, seed: int,
-                          lr: float, batch_size: int, resolution: int, save_every: int, extra: list[str] = [],
+                          lr: float | None, batch_size: int, resolution: int, save_every: int,
+                          lr_scheduler: str = "constant", warmup: int = 0, extra: list[str] = [],
                           conceptor_flags: bool = True, scripts: Path | None = None,
                           overwrite: bool = False) -> list[tuple[int, Path]]:
     """textual_inversion.py on ``images``; [(step, learned_embeds-steps-N.safetensors)] and the final
@@ -146,7 +155,7 @@ def run_textual_inversion(model: str, images: Path, out: Path, *, token: str, in
     args = ["--pretrained_model_name_or_path", _model_arg(model), "--train_data_dir", str(data),
             "--placeholder_token", token, "--initializer_token", init_token, "--learnable_property", "object",
             "--resolution", str(resolution), "--train_batch_size", str(batch_size), "--max_train_steps", str(steps),
-            "--learning_rate", repr(float(lr)), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+            *_lr_flags(lr, lr_scheduler, warmup),
             "--seed", str(seed), "--output_dir", str(out), "--save_steps", str(save_every),
             "--mixed_precision", "no", "--dataloader_num_workers", "0"]
     if conceptor_flags:
@@ -157,8 +166,9 @@ def run_textual_inversion(model: str, images: Path, out: Path, *, token: str, in
 
 
 def run_dreambooth_lora(model: str, images: Path, out: Path, *, instance_prompt: str, class_prompt: str | None,
-                        class_dir: Path | None, num_class_images: int, steps: int, seed: int, lr: float, rank: int,
-                        batch_size: int, resolution: int, save_every: int, extra: list[str] = [],
+                        class_dir: Path | None, num_class_images: int, steps: int, seed: int, lr: float | None,
+                        rank: int, batch_size: int, resolution: int, save_every: int, lr_scheduler: str = "constant",
+                        warmup: int = 0, extra: list[str] = [],
                         conceptor_flags: bool = True, scripts: Path | None = None,
                         overwrite: bool = False) -> list[tuple[int, Path]]:
     """train_dreambooth_lora.py on ``images`` (prior preservation, weight 1.0, when ``class_prompt`` is given:
@@ -171,8 +181,8 @@ def run_dreambooth_lora(model: str, images: Path, out: Path, *, instance_prompt:
     args = ["--pretrained_model_name_or_path", _model_arg(model), "--instance_data_dir", str(data),
             "--instance_prompt", instance_prompt, "--output_dir", str(out),
             "--resolution", str(resolution), "--train_batch_size", str(batch_size), "--max_train_steps", str(steps),
-            "--learning_rate", repr(float(lr)), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-            "--rank", str(rank), "--checkpointing_steps", str(save_every), "--seed", str(seed),
+            *_lr_flags(lr, lr_scheduler, warmup), "--rank", str(rank), "--checkpointing_steps", str(save_every),
+            "--seed", str(seed),
             "--mixed_precision", "no", "--dataloader_num_workers", "0"]
     if class_prompt is not None:
         cdir = Path(class_dir).resolve() if class_dir is not None else out / "class_images"

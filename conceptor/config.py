@@ -95,10 +95,11 @@ class DataConfig:
 class OptimConfig:
     optimizer: str = opt("adamw", "adamw (default) or prodigy (Mishchenko & Defazio 2024: estimates its own step "
                                   "size; --lr becomes a multiplier, default 1.0)", choices=OPTIMIZERS)
-    lr: float | None = opt(None, "learning rate (default: textual inversion 5e-4, DreamBooth 5e-6, LoRA 1e-4; "
+    lr: float | None = opt(None, "learning rate (default: textual inversion 5e-3, DreamBooth 5e-6, LoRA 1e-4; "
                                  "prodigy 1.0)")
     scale_lr: bool = opt(False, "multiply lr by batch size x grad accumulation x processes")
-    lr_scheduler: str = opt("constant", None, choices=("constant", "cosine", "linear"))
+    lr_scheduler: str | None = opt(None, "learning-rate schedule (default: textual inversion cosine, others "
+                                         "constant)", choices=("constant", "cosine", "linear"))
     warmup: int = opt(0, "linear warm-up steps", metavar="N")
     adam_beta1: float = opt(0.9, cli=False)
     adam_beta2: float = opt(0.999, cli=False)
@@ -112,7 +113,7 @@ class OptimConfig:
 class TrainConfig:
     output: str = opt("conceptor-output", "run folder (default conceptor-output)", metavar="DIR")
     steps: int = opt(3000, "optimizer steps (default 3000)")
-    batch_size: int = opt(1, None)
+    batch_size: int | None = opt(None, "images per step (default: textual inversion 4, others 1)", metavar="N")
     grad_accum: int = opt(1, "micro-batches per optimizer step", metavar="N")
     mixed_precision: str = opt("no", "frozen weights in fp16/bf16; trainables stay fp32",
                                choices=("no", "fp16", "bf16"))
@@ -130,7 +131,8 @@ class TrainConfig:
     noise_offset: float = opt(0.0, "offset noise strength, e.g. 0.05")
     # kohya's --min_timestep/--max_timestep: a window of the DDPM schedule. The high (noisy) end is where the
     # prompt decides layout and colour; the low end mostly refines texture the text barely steers.
-    min_timestep: int = opt(0, "UNet models: draw training timesteps from MIN up (default 0)", metavar="T")
+    min_timestep: int | None = opt(None, "UNet models: draw training timesteps from MIN up (default: textual "
+                                         "inversion 400, others 0)", metavar="T")
     max_timestep: int | None = opt(None, "UNet models: draw training timesteps below MAX (default: the "
                                          "schedule's length, 1000)", metavar="T")
     log_every: int = opt(10, "loss log interval in steps", metavar="N")
@@ -219,6 +221,11 @@ class MethodSpec:
     lora_lr: float | None = None  # default with --lora; None: the method trains no adapters
     flip_p: float = 0.5  # default horizontal-flip probability
     repeats: int = 100  # default --repeats (images x repeats = one epoch)
+    # The recipe (issue 25: measured on the toy world's learning curves, kept where the literature agrees; see
+    # docs/benchmarks.md "Learning curves"): images per step, lr schedule, lowest DDPM timestep (UNet models).
+    batch_size: int = 1
+    lr_scheduler: str = "constant"
+    min_timestep: int = 0
     lora_always: bool = False  # the method is a LoRA method (pivotal tuning): no --lora switch
     checks: Callable[["RunConfig"], list[tuple[bool, str]]] = lambda cfg: []
 
@@ -349,6 +356,10 @@ def build_config(method: str | MethodSpec, file_values: dict[str, Any] | None,
         cfg.data.flip_p = spec.flip_p
     if cfg.data.repeats is None and not d.dataset_file():
         cfg.data.repeats = spec.repeats
+    if cfg.train.batch_size is None:
+        cfg.train.batch_size = spec.batch_size
+    if cfg.optim.lr_scheduler is None:
+        cfg.optim.lr_scheduler = spec.lr_scheduler
     if cfg.optim.lr is None:
         if cfg.optim.optimizer == "prodigy":  # Prodigy finds the step size; lr scales it (its authors' default 1.0)
             cfg.optim.lr = 1.0
@@ -385,9 +396,9 @@ def validate(cfg: RunConfig, spec: MethodSpec) -> None:
         (0 <= t.seed <= MAX_TRAIN_SEED, f"--seed must be between 0 and {MAX_TRAIN_SEED}, got {t.seed}"),
         (t.snr_gamma is None or t.snr_gamma > 0, "--snr-gamma must be positive (5.0 is the paper's value)"),
         (t.noise_offset >= 0, "--noise-offset must be >= 0"),
-        (t.min_timestep >= 0, "--min-timestep must be >= 0"),
-        (t.max_timestep is None or t.max_timestep > t.min_timestep,
-         f"--max-timestep must be above --min-timestep ({t.min_timestep}): timesteps are drawn from [MIN, MAX)"),
+        (t.min_timestep is None or t.min_timestep >= 0, "--min-timestep must be >= 0"),
+        (t.max_timestep is None or t.max_timestep > (t.min_timestep or 0),
+         f"--max-timestep must be above --min-timestep ({t.min_timestep or 0}): timesteps are drawn from [MIN, MAX)"),
         (t.logit_std > 0, "--logit-std must be positive"),
         (t.flow_shift is None or t.flow_shift > 0, "--flow-shift must be positive (1 = no shift, SD3 uses 3.0)"),
         (t.guidance_scale is None or t.guidance_scale >= 0, "--guidance-scale must be >= 0"),

@@ -111,7 +111,7 @@ def test_a_refused_run_can_be_retried_without_overwrite(tiny_sd1, concept_images
     one_error(code, err, "bf16")
     assert not out.exists()  # the folder it made is gone again
     out.mkdir()
-    code, _, err = cli(*[a if a != "toy" else "two words" for a in ti(tiny_sd1, concept_images, out)])
+    code, _, err = cli(*[a if a != "toy" else "   " for a in ti(tiny_sd1, concept_images, out)])  # blank initializer
     one_error(code, err, "initializer")  # refused in set-up, after the folder had a manifest
     assert not (out / "config.yaml").exists()
     code, _, err = cli(*ti(tiny_sd1, concept_images, out))

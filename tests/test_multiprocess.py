@@ -59,11 +59,11 @@ def test_two_processes_equal_one_with_the_global_batch(case, tiny_sd1, concept_i
     elif case == "textual-inversion":  # both vectors started as the embedding of "toy"
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from conceptor.models.tokens import initializer_id
+        from conceptor.models.tokens import initializer_ids
 
         tok = CLIPTokenizer.from_pretrained(str(tiny_sd1 / "tokenizer"))
         te = CLIPTextModel.from_pretrained(str(tiny_sd1 / "text_encoder"), dtype=torch.float32)
-        init = te.get_input_embeddings().weight[initializer_id(tok, "toy")].detach()
+        init = te.get_input_embeddings().weight[initializer_ids(tok, "toy")[0]].detach()
         moved = (a[TOKEN] - init).abs().max().item()
     else:  # LoRA: the up matrices start at zero
         moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)

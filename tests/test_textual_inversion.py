@@ -17,13 +17,14 @@ TOKEN = "<cat-toy>"
 def ti_config(model, images, output, **train):
     steps = train.pop("steps", 12)
     vectors = train.pop("vectors", 1)
+    init_token = train.pop("init_token", "toy")
     return build_config("textual-inversion", None, {
         "model": {"model": str(model)},
         "data": {"images": str(images)},
         "optim": {"lr": 5e-2},
         "train": {"output": str(output), "steps": steps, "batch_size": 2, "log_every": 1,
                   "checkpoint_every": 0, **train},
-        "textual_inversion": {"token": TOKEN, "init_token": "toy", "vectors": vectors},
+        "textual_inversion": {"token": TOKEN, "init_token": init_token, "vectors": vectors},
     })
 
 
@@ -91,7 +92,8 @@ def test_cli_outputs_and_diffusers_loads_them(tiny_sd1, concept_images, tmp_path
 def test_resume_equals_uninterrupted_run_with_grad_accum(tiny_sd1, concept_images, tmp_path, cli):
     common = ["train", "textual-inversion", "--model", tiny_sd1, "--images", concept_images, "--token", TOKEN,
               "--init-token", "toy", "--vectors", "2", "--batch-size", "2", "--grad-accum", "2",
-              "--checkpoint-every", "10", "--log-every", "1", "--lr", "1e-2"]
+              "--checkpoint-every", "10", "--log-every", "1", "--lr", "1e-2", "--lr-scheduler", "constant"]
+    # constant: a cosine schedule follows --steps, so a 20-step run is not the start of a 30-step one
     assert cli(*common, "--steps", "30", "--output", tmp_path / "a")[0] == 0
     assert cli(*common, "--steps", "20", "--output", tmp_path / "b")[0] == 0
     code, _, err = cli(*common, "--steps", "30", "--output", tmp_path / "b", "--resume", "latest")
@@ -161,3 +163,47 @@ def test_caption_files_override_templates(tiny_sd1, concept_images, tmp_path):
     method.setup(components, ti_config(tiny_sd1, concept_images, tmp_path / "run"), torch.device("cpu"))
     assert method.captions[0] == ["a {} on the beach"]
     assert len(method.captions[1]) > 20  # the object templates
+
+
+def _start_vectors(model, images, output, init_token, vectors=2):
+    """The new token's vectors right after set-up (before any step), and the frozen input-embedding matrix."""
+    from conceptor.methods.textual_inversion import TextualInversion
+
+    components = load_components(str(model)).frozen()
+    weight = components.text_encoder.get_input_embeddings().weight.detach().clone()
+    method = TextualInversion()
+    method.setup(components, ti_config(model, images, output, init_token=init_token, vectors=vectors),
+                 torch.device("cpu"))
+    return method.vectors(), weight, components.tokenizer
+
+
+def test_several_init_words_start_at_their_mean(tiny_sd1, concept_images, tmp_path):
+    vectors, weight, tokenizer = _start_vectors(tiny_sd1, concept_images, tmp_path / "run", "red toy")
+    ids = tokenizer.convert_tokens_to_ids(["red</w>", "toy</w>"])
+    mean = weight[ids].float().mean(0)
+    assert not torch.allclose(weight[ids[0]], weight[ids[1]])  # a real mean, not one of the rows
+    assert vectors.shape == (2, 32)
+    for v in vectors:  # --vectors 2: every vector starts at the mean
+        torch.testing.assert_close(v, mean, rtol=0, atol=1e-6)
+
+
+def test_word_split_into_pieces_starts_at_their_mean(tiny_sd1, concept_images, tmp_path):
+    vectors, weight, tokenizer = _start_vectors(tiny_sd1, concept_images, tmp_path / "run", "toaster", vectors=1)
+    ids = tokenizer.encode("toaster", add_special_tokens=False)
+    assert len(ids) > 1  # the tiny vocabulary has no "toaster": it was refused before
+    torch.testing.assert_close(vectors[0], weight[ids].float().mean(0), rtol=0, atol=1e-6)
+
+
+def test_one_token_init_word_is_its_row_exactly(tiny_sd1, concept_images, tmp_path):
+    vectors, weight, tokenizer = _start_vectors(tiny_sd1, concept_images, tmp_path / "run", "toy")
+    row = weight[tokenizer.convert_tokens_to_ids("toy</w>")].float()
+    assert all(torch.equal(v, row) for v in vectors)
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_blank_init_text_is_one_line_error(blank, cli, tiny_sd1, concept_images, tmp_path):
+    code, _, err = cli("train", "textual-inversion", "--model", tiny_sd1, "--images", concept_images,
+                       "--token", TOKEN, "--init-token", blank, "--steps", "1", "--output", tmp_path / "run")
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert ("empty" if blank else "--init-token is required") in lines[0], lines[0]

@@ -4,10 +4,10 @@ The file is TOML: ``[general]``, then ``[[datasets]]``, each with ``[[datasets.s
 ``[general]`` or a dataset applies to the subsets below it unless they set their own (kohya's "ascendable"
 options). A kohya user's file reads unchanged; an option kohya has that conceptor does not implement is refused
 by name, never ignored, and so is a name neither knows (a typo would otherwise do nothing). conceptor adds keys
-only where kohya has none: ``token``/``init_token`` (the new token of a textual-inversion subset and the word it
-starts from), ``masks``/``mask_dir`` (a ``NAME_mask.png`` sidecar per image: white is the concept, black the rest),
-``source`` with ``image_column``/``caption_column`` (a CSV, a folder with metadata.jsonl or a saved ``datasets``
-folder, as ``conceptor train finetune --dataset`` reads them).
+only where kohya has none: ``token``/``init_token`` (the new token of a textual-inversion subset and the word(s)
+it starts from: several start from their mean), ``masks``/``mask_dir`` (a ``NAME_mask.png`` sidecar per image:
+white is the concept, black the rest), ``source`` with ``image_column``/``caption_column`` (a CSV, a folder with
+metadata.jsonl or a saved ``datasets`` folder, as ``conceptor train finetune --dataset`` reads them).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ SUBSET_OPTIONS: dict[str, tuple[Any, type | tuple]] = {
     "caption_suffix": (None, str), "caption_dropout_rate": (0.0, (int, float)),
     "caption_tag_dropout_rate": (0.0, (int, float)), "flip_aug": (False, bool), "alpha_mask": (False, bool),
     # conceptor's own keys (kohya has none for these):
-    "token": (None, str), "init_token": (None, str),  # the new token of a textual-inversion subset, its start word
+    "token": (None, str), "init_token": (None, str),  # the new token of a textual-inversion subset, its start word(s)
     "masks": (False, bool), "mask_dir": (None, str),  # NAME_mask.png beside each image (or in mask_dir)
     "source": (None, str), "image_column": (None, str), "caption_column": (None, str),  # data/captions.py sources
 }

@@ -41,8 +41,11 @@ def check_family_options(c, cfg) -> None:
                                      "UNet model: leave it out")
         if cfg.model.max_sequence_length is not None:
             raise ConceptorError(f"--max-sequence-length sets T5's length (SD3, Flux); {c.source} has no T5")
+        if t.max_timestep is not None and t.max_timestep <= (t.min_timestep or 0):
+            raise ConceptorError(f"--max-timestep {t.max_timestep} must be above --min-timestep ({t.min_timestep}"
+                                 "; textual inversion's default is 400): timesteps are drawn from [MIN, MAX)")
         steps = c.scheduler.config.num_train_timesteps
-        if max(t.min_timestep + 1, t.max_timestep or 0) > steps:
+        if max((t.min_timestep or 0) + 1, t.max_timestep or 0) > steps:
             raise ConceptorError(f"--min-timestep/--max-timestep must lie within {c.source}'s {steps} training "
                                  f"timesteps (MAX at most {steps})")
         return
@@ -51,7 +54,7 @@ def check_family_options(c, cfg) -> None:
                               "matching: use --loss-weighting sigma_sqrt|cosmap instead"),
         (t.noise_offset == 0, f"--noise-offset is for epsilon/v-prediction UNets; {family.title} trains flow "
                               "matching: leave it out"),
-        (t.min_timestep == 0 and t.max_timestep is None,
+        (not t.min_timestep and t.max_timestep is None,
          f"--min-timestep/--max-timestep window DDPM timesteps of UNet models; {family.title} trains flow matching: "
          "use --timestep-sampling/--logit-mean/--flow-shift instead"),
         (t.guidance_scale is None or family.uses_guidance(c),

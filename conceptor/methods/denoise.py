@@ -142,7 +142,7 @@ def denoising_loss(components: Components, latents: torch.Tensor, hidden: torch.
     pick = torch.as_tensor(list(indices), dtype=torch.long)
     noise = D.offset_noise(torch.randn((total, *latents.shape[1:]), generator=generator), train.noise_offset,
                            generator)[pick]
-    t = D.sample_timesteps(total, c.scheduler.config.num_train_timesteps, generator, low=train.min_timestep,
+    t = D.sample_timesteps(total, c.scheduler.config.num_train_timesteps, generator, low=train.min_timestep or 0,
                            high=train.max_timestep)[pick]
     noise, t = noise.to(latents.device), t.to(latents.device)
     noisy = D.add_noise(latents, noise, t, acp)

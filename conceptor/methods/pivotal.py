@@ -34,8 +34,9 @@ log = logging.getLogger("conceptor")
 @dataclass
 class PivotalConfig:
     token: str = opt("", "the new token, e.g. '<sks>' (a dataset config may give each subset its own)")
-    init_token: str = opt("", "one existing word to start its vectors from, e.g. dog (default: random vectors at "
-                              "the vocabulary's scale, as diffusers' script)")
+    init_token: str = opt("", "existing word(s) to start its vectors from, e.g. dog; several words (or a word the "
+                              "tokenizer splits into pieces) start from their mean, e.g. 'red toy' (default: random "
+                              "vectors at the vocabulary's scale, as diffusers' script)")
     vectors: int = opt(2, "vectors per token (default 2, as diffusers' script)", metavar="N")
     instance_prompt: str | None = opt(None, "prompt of your images with the token or {}: 'a photo of {} dog' "
                                             "(default: the templates of --what; caption files win)", metavar="P")

@@ -21,7 +21,7 @@ from ..errors import ConceptorError
 from ..formats.embeddings import Embedding, write_embedding
 from ..models.load import Components
 from ..models.text import added_conditioning, check_token_fits, encode, token_ids
-from ..models.tokens import add_tokens, check_new_token, expand_prompt, initializer_id, token_names
+from ..models.tokens import add_tokens, check_new_token, expand_prompt, initial_vector, initializer_ids, token_names
 from ..sampling.pipeline import check_vae_memory
 from ..training.method import Setup, Shard
 from .denoise import LatentSet, denoising_loss, validation_loss
@@ -34,7 +34,8 @@ log = logging.getLogger("conceptor")
 @dataclass
 class TextualInversionConfig:
     token: str = opt("", "the new placeholder token, e.g. '<cat-toy>'")
-    init_token: str = opt("", "one existing word to start from, e.g. toy")
+    init_token: str = opt("", "existing word(s) to start from, e.g. toy; several words (or a word the tokenizer "
+                              "splits into pieces) start from their mean, e.g. 'red toy'")
     vectors: int = opt(1, "vectors per token (default 1)", metavar="N")
     what: str = opt("object", "template set (default object)", choices=("object", "style"))
     templates: str | None = opt(None, "own templates, one per line with {} for the token", metavar="FILE")
@@ -51,7 +52,7 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str]]:
                                               "(or --dataset: a kohya dataset config or a captioned source)"),
         (bool(ti.token) or file, "--token is required, e.g. --token '<cat-toy>'"),
         (bool(ti.init_token) or file or ti.init_embedding,
-         "--init-token is required: one word close to the concept, e.g. toy (or --init-embedding FILE)"),
+         "--init-token is required: a word (or words) close to the concept, e.g. toy (or --init-embedding FILE)"),
         (1 <= ti.vectors <= 64, "--vectors must be between 1 and 64"),
         (ti.what in ("object", "style"), "--what must be object or style"),
     ]
@@ -95,7 +96,8 @@ class TokenVectors:
                 for name in token_names(token, opts.vectors):
                     check_new_token(tok, name)
         start = self._init_vectors(opts, clips)  # --init-embedding: the file's vectors, else the init words'
-        init_ids = [[initializer_id(tok, inits[t]) if start is None and inits[t] != RANDOM else None
+        # Each CLIP encoder has its own tokenizer, so the same init text may split differently in each.
+        init_ids = [[initializer_ids(tok, inits[t]) if start is None and inits[t] != RANDOM else None
                      for t in self.tokens] for tok, _ in clips]
         templates = load_templates(opts.what, opts.templates)
 
@@ -132,15 +134,15 @@ class TokenVectors:
         # block holds every token's vectors, in self.tokens order.
         self.embeddings = []
         for k, ((tok, te), ids) in enumerate(zip(clips, init_ids)):
-            for token, init_id in zip(self.tokens, ids):
+            for token, word_ids in zip(self.tokens, ids):
                 if start is not None:
                     init = start[k].to(te.get_input_embeddings().weight.device)
-                elif init_id is None:  # no init word: random rows at the vocabulary's scale, as diffusers' script
+                elif word_ids is None:  # no init word: random rows at the vocabulary's scale, as diffusers' script
                     weight = te.get_input_embeddings().weight.detach().float()
                     g = torch.Generator().manual_seed(self.cfg.train.seed + 7919 * (k + 1))
                     init = (torch.randn(opts.vectors, weight.shape[1], generator=g) * weight.std()).to(weight.device)
-                else:
-                    init = te.get_input_embeddings().weight[init_id].detach().float().repeat(opts.vectors, 1)
+                else:  # every vector starts at the init text's row (several tokens: their mean)
+                    init = initial_vector(te.get_input_embeddings().weight, word_ids).repeat(opts.vectors, 1)
                 emb = add_tokens(tok, te, token, init)
             self.embeddings.append(emb)
         self.first_trained_row = self.embeddings[0].new.shape[0] - opts.vectors * len(self.tokens)
@@ -283,6 +285,13 @@ def slug(token: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "", token).strip(".-") or "token"
 
 
+# The recipe (issue 25; docs/benchmarks.md "Learning curves"). lr 5e-3 at 4 images per step is the rate of Gal et
+# al. 2022 (their base 5e-3) and what diffusers' README reaches with 5e-4 x --scale-lr over 4 images; the cosine
+# decay lets the vector settle instead of wandering at that rate; and steps are drawn from DDPM timesteps
+# 400-999 only, where the prompt decides shape and colour (ProSpect, Zhang et al. 2023: early denoising steps
+# carry layout and colour, late ones texture; min-SNR and P2 weighting, Hang et al. 2023 and Choi et al. 2022,
+# down-weight the same low-noise steps for the same reason). On the toy world the window is what lets a token
+# tell blue from cyan. The seeds' recipe is --lr 5e-4 --batch-size 1 --lr-scheduler constant --min-timestep 0.
 SPEC = MethodSpec(name="textual-inversion", section="textual_inversion", options=TextualInversionConfig,
-                  make=TextualInversion, help="learn new token embeddings (model frozen)", lr=5e-4, flip_p=0.5,
-                  checks=_checks)
+                  make=TextualInversion, help="learn new token embeddings (model frozen)", lr=5e-3, flip_p=0.5,
+                  batch_size=4, lr_scheduler="cosine", min_timestep=400, checks=_checks)

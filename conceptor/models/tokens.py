@@ -78,17 +78,21 @@ def check_new_token(tokenizer, token: str) -> None:
             f"that word in every prompt; use a new token such as <{token.strip('<>')}>")
 
 
-def initializer_id(tokenizer, word: str) -> int:
-    """The single token id of the initializer word, or a clear error listing its pieces."""
-    ids = tokenizer.encode(word, add_special_tokens=False)
-    if len(ids) == 1:
-        return ids[0]
-    pieces = tokenizer.convert_ids_to_tokens(ids)
+def initializer_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of the init text (a word, its subword pieces, or several words); their rows' mean starts the
+    new vectors. Empty text is refused: there would be nothing to average."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:
-        raise ConceptorError(f"initializer {word!r} is empty; pass one word such as 'toy'")
-    raise ConceptorError(
-        f"initializer {word!r} is {len(ids)} tokens ({' + '.join(pieces)}); pass a single-token word, "
-        f"e.g. {pieces[0].replace('</w>', '')!r}")
+        raise ConceptorError(f"initializer {text!r} is empty; pass a word close to the concept, e.g. 'toy' "
+                             "(several words start from their mean)")
+    return ids
+
+
+def initial_vector(embeddings: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """The fp32 start vector for init ``ids``: one id's row exactly as stored (so a one-token word starts where
+    it always did, bit for bit), several ids' rows averaged in fp32 (a half-precision mean would round)."""
+    rows = embeddings[ids].detach().float()
+    return rows[0] if len(ids) == 1 else rows.mean(0)
 
 
 def add_tokens(tokenizer, text_encoder, token: str, vectors: torch.Tensor) -> ExtendedEmbedding:

@@ -169,6 +169,10 @@ def _train(method: Method, components: Components, cfg: RunConfig, scorer=None) 
 def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
     """Devices and precision, the method's trainables, the run folder, optimizer, schedule and EMA."""
     t = cfg.train
+    if t.min_timestep is None:  # the method's window is of a UNet's DDPM schedule; flow models draw their own
+        from ..methods import get_spec
+
+        t.min_timestep = get_spec(cfg.method).min_timestep if components.flow is None else 0
     check_family_options(components, cfg)  # before the folder is touched: nothing written on a refused option
     if cfg.lora is not None and cfg.lora.enabled:  # an adapter the layers cannot take: refused here too
         from ..models.adapters import check_adapters, trainable_text_encoders
