@@ -132,7 +132,7 @@ class TrainConfig:
     # kohya's --min_timestep/--max_timestep: a window of the DDPM schedule. The high (noisy) end is where the
     # prompt decides layout and colour; the low end mostly refines texture the text barely steers.
     min_timestep: int | None = opt(None, "UNet models: draw training timesteps from MIN up (default: textual "
-                                         "inversion 400, others 0)", metavar="T")
+                                         "inversion 400 (--what style: 0), others 0)", metavar="T")
     max_timestep: int | None = opt(None, "UNet models: draw training timesteps below MAX (default: the "
                                          "schedule's length, 1000)", metavar="T")
     log_every: int = opt(10, "loss log interval in steps", metavar="N")
@@ -225,7 +225,7 @@ class MethodSpec:
     # docs/benchmarks.md "Learning curves"): images per step, lr schedule, lowest DDPM timestep (UNet models).
     batch_size: int = 1
     lr_scheduler: str = "constant"
-    min_timestep: int = 0
+    min_timestep: int | Callable[["RunConfig"], int] = 0  # or a function of the run's config
     lora_always: bool = False  # the method is a LoRA method (pivotal tuning): no --lora switch
     checks: Callable[["RunConfig"], list[tuple[bool, str]]] = lambda cfg: []
 

@@ -91,3 +91,24 @@ def test_a_flow_model_refuses_the_ddpm_window(tiny_sd3, concept_images, tmp_path
                        TOKEN, "--init-token", "toy", "--steps", "1", "--min-timestep", "100", "--output",
                        tmp_path / "f")
     assert code == 2 and "--timestep-sampling" in err
+
+
+@pytest.mark.parametrize(("model", "extra", "window"), [
+    ("tiny_sd1", [], 400),  # textual inversion of an object: DDPM timesteps 400-999
+    ("tiny_sd1", ["--what", "style"], 0),  # a style keeps the low-noise steps that draw its textures
+    ("tiny_sd1", ["--min-timestep", "0"], 0),  # the seeds' uniform draw, one flag away
+    ("tiny_sd3", [], 0),  # flow matching draws its own noise levels: the DDPM window does not apply
+])
+def test_textual_inversions_window_follows_what_and_family(model, extra, window, request, concept_images, tmp_path,
+                                                            cli):
+    out = tmp_path / "run"
+    code, _, err = cli("train", "textual-inversion", "--model", request.getfixturevalue(model), "--images",
+                       concept_images, "--token", TOKEN, "--init-token", "toy", "--steps", "1", "--checkpoint-every",
+                       "0", "--output", out, *extra)
+    assert code == 0, err
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["min_timestep"] == window
+    assert saved["train"]["batch_size"] == 4 and saved["optim"]["lr_scheduler"] == "cosine"
+    assert saved["optim"]["lr"] == 5e-3

@@ -291,7 +291,9 @@ def slug(token: str) -> str:
 # 400-999 only, where the prompt decides shape and colour (ProSpect, Zhang et al. 2023: early denoising steps
 # carry layout and colour, late ones texture; min-SNR and P2 weighting, Hang et al. 2023 and Choi et al. 2022,
 # down-weight the same low-noise steps for the same reason). On the toy world the window is what lets a token
-# tell blue from cyan. The seeds' recipe is --lr 5e-4 --batch-size 1 --lr-scheduler constant --min-timestep 0.
+# tell blue from cyan. A style (--what style) keeps every step: its brush strokes and textures are what the
+# low-noise steps draw. The seeds' recipe is --lr 5e-4 --batch-size 1 --lr-scheduler constant --min-timestep 0.
 SPEC = MethodSpec(name="textual-inversion", section="textual_inversion", options=TextualInversionConfig,
                   make=TextualInversion, help="learn new token embeddings (model frozen)", lr=5e-3, flip_p=0.5,
-                  batch_size=4, lr_scheduler="cosine", min_timestep=400, checks=_checks)
+                  batch_size=4, lr_scheduler="cosine", checks=_checks,
+                  min_timestep=lambda cfg: 0 if cfg.options.what == "style" else 400)

@@ -172,7 +172,8 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
     if t.min_timestep is None:  # the method's window is of a UNet's DDPM schedule; flow models draw their own
         from ..methods import get_spec
 
-        t.min_timestep = get_spec(cfg.method).min_timestep if components.flow is None else 0
+        window = get_spec(cfg.method).min_timestep
+        t.min_timestep = (window(cfg) if callable(window) else window) if components.flow is None else 0
     check_family_options(components, cfg)  # before the folder is touched: nothing written on a refused option
     if cfg.lora is not None and cfg.lora.enabled:  # an adapter the layers cannot take: refused here too
         from ..models.adapters import check_adapters, trainable_text_encoders
