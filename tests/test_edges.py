@@ -35,7 +35,7 @@ def nothing_written(out) -> bool:
 # -- 1. config files with values of the wrong type -------------------------------------------------
 @pytest.mark.parametrize("name,text,line", [
     ("c.yaml", "train:\n  steps: ten\n", "config file: train.steps must be a whole number, got 'ten'"),
-    ("c.yaml", "train:\n  batch_size: 1.5\n", "config file: train.batch_size must be a whole number, got 1.5"),
+    ("c.yaml", "train:\n  batch_size: 1.5\n", "config file: train.batch_size must be a whole number or null, got 1.5"),
     ("c.yaml", "train:\n  steps: 3.0\n", "config file: train.steps must be a whole number, got 3.0"),
     ("c.yaml", "train:\n  steps: true\n", "config file: train.steps must be a whole number, got true"),
     ("c.yaml", "train:\n  overwrite: 'yes'\n", "config file: train.overwrite must be true or false, got 'yes'"),
