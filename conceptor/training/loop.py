@@ -190,8 +190,6 @@ def _set_up(method: Method, components: Components, cfg: RunConfig) -> _Run:
         raise ConceptorError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     if cfg.optim.use_8bit_adam:  # before any model work: a missing dependency should cost nothing
         optim.bitsandbytes(device)
-    if cfg.optim.optimizer == "prodigy":
-        optim.prodigy()
     # The manifest first: setup may write into the folder (DreamBooth's class images), and a run killed there
     # must leave a folder that a retry or --resume recognises as its own. Only a replaced run's old files
     # wait until setup is done (it may reuse them), as before.
